@@ -1,0 +1,212 @@
+"""Step configurations: one frozen dataclass per ``params.yaml`` section.
+
+Each step reads only its own section (DVC's ``params:`` lists the same keys), so a change to
+``train.epochs`` reruns train and what follows, not ingest. Unknown keys and wrong types are
+rejected with the section and key named, because a typo in params.yaml that is silently
+ignored costs a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from imgclf.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRatios:
+    """Fractions of each class that go to train, val and test (they must sum to 1)."""
+
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """Where the raw images come from and how they are normalised and split."""
+
+    source: str = "sample:digits"
+    image_size: int = 32
+    split: SplitRatios = SplitRatios()
+    seed: int = 42
+    image_format: str = "png"
+    s3: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """Bounds for the Great Expectations suite run over the manifest."""
+
+    min_width: int = 8
+    max_width: int = 4096
+    min_height: int = 8
+    max_height: int = 4096
+    allowed_modes: tuple[str, ...] = ("L", "RGB")
+    min_images_per_class: int = 5
+    min_images_per_split: int = 10
+    max_duplicate_fraction: float = 0.0
+    max_imbalance_ratio: float = 10.0
+    imbalance_blocking: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Model, transfer-learning and optimisation settings (book chapter 4 knobs)."""
+
+    model: str = "resnet18"
+    pretrained: str = "none"
+    freeze_backbone: bool = False
+    image_size: int = 32
+    augment: str = "light"
+    epochs: int = 8
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    backbone_lr: float = 3e-4
+    weight_decay: float = 1e-4
+    scheduler: str = "onecycle"
+    patience: int = 3
+    seed: int = 42
+    device: str = "auto"
+    num_workers: int = 0
+    threads: int = 0
+    max_steps_per_epoch: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryConfig:
+    """Where model versions live (a local dir or ``s3://bucket/prefix``) and under which name.
+
+    Read by evaluate (to find the production champion) and deploy (to publish and promote).
+    """
+
+    uri: str = "registry"
+    model_name: str = "digits"
+    alias: str = "production"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Quality gate: absolute floor and allowed regression against production."""
+
+    min_accuracy: float = 0.95
+    max_regression: float = 0.01
+    top_k: int = 3
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    """How the promoted model's KServe InferenceService is rendered."""
+
+    namespace: str = "imgclf"
+    service_account: str = "imgclf-kserve"
+    image: str = "ghcr.io/imgclf/imgclf:0.1.0"
+    storage_uri_prefix: str = ""
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML value to the dataclass field type, or raise ConfigError naming it."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build(hint, value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is not None and issubclass(origin, Mapping) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read params.yaml as a dict; a missing file means all defaults."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_section(
+    cls: type[T],
+    section: str,
+    params_path: str | Path = DEFAULT_PARAMS,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Load ``section`` of params.yaml into ``cls``, then apply ``overrides`` (flags, KFP)."""
+    values = dict(read_params(params_path).get(section) or {})
+    values.update(overrides or {})
+    return build(cls, values, f"{Path(params_path).name}:{section}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value as YAML, so ``epochs=2`` is an int) from ``--set`` flags."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data, saved next to outputs (``config.json``)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,79 @@
+"""The :class:`Store` protocol and the URI dispatch shared by every backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A tree of objects addressed by ``/``-separated keys relative to the store's root.
+
+    Writes of single objects are atomic for readers (temp + rename locally, a single PUT on
+    S3). Multi-object publishes (a model version) are made atomic one level up, by writing a
+    marker object last and only trusting prefixes that have it.
+    """
+
+    uri: str
+
+    def exists(self, key: str) -> bool:
+        """True if an object exists at ``key``."""
+        ...
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Keys under ``prefix`` (sorted); non-recursive lists one level, dirs end with '/'."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The object's content; StorageError naming the key if it is missing."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Create or replace one object atomically."""
+        ...
+
+    def upload_file(self, path: Path, key: str) -> None:
+        """Copy a local file to ``key``."""
+        ...
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Copy ``key`` to a local file (written to a temp name, then renamed)."""
+        ...
+
+    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+        """Copy a local directory tree under ``prefix``; returns the keys written."""
+        ...
+
+    def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
+        """Copy every object under ``prefix`` into ``local_dir``; returns the files written."""
+        ...
+
+    def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
+        """Remove one object, or everything under a prefix when ``recursive``."""
+        ...
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``); raises ValueError for other schemes."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for URIs that need an object store rather than the local filesystem."""
+    return str(uri).startswith("s3://")
+
+
+def open_store(uri: str | Path) -> Store:
+    """A store rooted at ``uri``: a local path, or ``s3://bucket/prefix``."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        from imgclf.storage.s3 import S3Store
+
+        return S3Store.from_uri(text)
+    from imgclf.storage.local import LocalStore
+
+    return LocalStore(Path(text))

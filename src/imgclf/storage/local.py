@@ -1,0 +1,115 @@
+"""The local-filesystem store: the embedded default for the demo and for tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from imgclf.errors import StorageError
+
+
+class LocalStore:
+    """A directory used as an object store; keys are relative POSIX paths under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        parts = [p for p in key.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise StorageError(f"{self.uri}: key {key!r} leaves the store")
+        return self.root.joinpath(*parts)
+
+    def exists(self, key: str) -> bool:
+        """True if a file exists at ``key``."""
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Keys under ``prefix``; non-recursive lists one level with dirs ending in '/'."""
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        if not recursive:
+            out = []
+            for child in base.iterdir():
+                if child.name.startswith("."):
+                    continue
+                rel = child.relative_to(self.root).as_posix()
+                out.append(rel + "/" if child.is_dir() else rel)
+            return sorted(out)
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
+        )
+
+    def read_bytes(self, key: str) -> bytes:
+        """The file's content; StorageError naming the path if it is missing."""
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self._path(key)}: not found") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a file atomically (temp file in the same dir, then rename)."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def upload_file(self, path: Path, key: str) -> None:
+        """Copy a local file into the store (temp copy, then rename)."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Copy a stored file to ``path`` (temp copy, then rename)."""
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"{src}: not found")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+
+    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+        """Copy a directory tree under ``prefix``."""
+        keys = []
+        for p in sorted(Path(local_dir).rglob("*")):
+            if p.is_file():
+                key = "/".join(filter(None, [prefix.strip("/"), p.relative_to(local_dir).as_posix()]))
+                self.upload_file(p, key)
+                keys.append(key)
+        return keys
+
+    def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
+        """Copy everything under ``prefix`` into ``local_dir``."""
+        out = []
+        base = prefix.strip("/")
+        for key in self.list(base):
+            rel = key[len(base) :].lstrip("/") if base else key
+            dest = Path(local_dir) / rel
+            self.download_file(key, dest)
+            out.append(dest)
+        return out
+
+    def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
+        """Remove a file, or a whole subtree when ``recursive``."""
+        target = self._path(key_or_prefix)
+        if recursive and target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
