@@ -15,6 +15,12 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in chunks so large files do not fill memory."""
     digest = hashlib.sha256()
@@ -37,6 +43,8 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        # mkstemp makes 0600 files; outputs should be readable like any other file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,6 +69,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(target)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 dirs; outputs are shared
     try:
         yield tmp
     except BaseException:

@@ -5,7 +5,22 @@ backend from the URI, so pointing a location at ``s3://bucket/prefix`` is a conf
 change, not a code change.
 """
 
-from imgclf.storage.base import Store, is_remote, open_store, split_uri
+from imgclf.storage.base import (
+    Store,
+    is_published,
+    is_remote,
+    open_store,
+    publish_tree,
+    split_uri,
+)
 from imgclf.storage.local import LocalStore
 
-__all__ = ["LocalStore", "Store", "is_remote", "open_store", "split_uri"]
+__all__ = [
+    "LocalStore",
+    "Store",
+    "is_published",
+    "is_remote",
+    "open_store",
+    "publish_tree",
+    "split_uri",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -77,3 +79,40 @@ def open_store(uri: str | Path) -> Store:
     from imgclf.storage.local import LocalStore
 
     return LocalStore(Path(text))
+
+
+def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = "READY") -> list[str]:
+    """Upload ``local_dir`` under ``prefix`` and write ``prefix/marker`` last; returns the keys.
+
+    Many objects cannot be written atomically, so readers must trust only prefixes that carry
+    the marker: a publish interrupted half-way (a crash, the store going down) leaves a prefix
+    without it. Any old marker is removed first, so a re-publish over the same prefix is not
+    trusted until it completes. The marker holds the file list with each file's sha256.
+    """
+    from imgclf.errors import StorageError
+    from imgclf.fsutil import sha256_file
+
+    local_dir = Path(local_dir)
+    base = "/".join(p for p in prefix.split("/") if p)
+    if (local_dir / marker).exists():
+        raise StorageError(f"{local_dir / marker}: the name {marker!r} is reserved for the marker")
+    marker_key = f"{base}/{marker}" if base else marker
+    store.delete(marker_key)
+    keys = store.upload_tree(local_dir, base)
+    files = {
+        p.relative_to(local_dir).as_posix(): sha256_file(p)
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {
+        "files": files,
+        "published_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    store.write_bytes(marker_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return keys
+
+
+def is_published(store: Store, prefix: str, marker: str = "READY") -> bool:
+    """True if ``prefix`` carries its publish marker, i.e. every file of it was uploaded."""
+    base = "/".join(p for p in prefix.split("/") if p)
+    return store.exists(f"{base}/{marker}" if base else marker)

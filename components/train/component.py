@@ -1,0 +1,102 @@
+"""KFP component: train (or fine-tune) a classifier on the dataset; the pipeline adds the GPU."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    architecture: str,
+    pretrained: str,
+    freeze_backbone: bool,
+    image_size: int,
+    augment: str,
+    epochs: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    backbone_lr: float,
+    weight_decay: float,
+    scheduler: str,
+    patience: int,
+    seed: int,
+    device: str,
+    num_workers: int,
+    threads: int,
+    max_steps_per_epoch: int,
+):
+    """Run ``imgclf.steps.train`` and publish the model dir as a Model artifact.
+
+    Args:
+        dataset: Validated dataset dir written by the ingest component.
+        model: Output model dir: ``model.safetensors``, the ``model.pt2`` serving export,
+            ``model.json`` (classes, input size, normalisation, dataset hash) and
+            ``history.csv``.
+        metrics: Output best validation accuracy and loss and the number of epochs run.
+        architecture: torchvision classifier name (``resnet18``, ...) or ``simple_cnn``.
+        pretrained: ``none``, ``imagenet``, or a path or ``s3://`` URI of a weights file.
+        freeze_backbone: Train only the new head (transfer learning with a frozen backbone).
+        image_size: Side in pixels the images are resized to.
+        augment: Training augmentation preset: ``none``, ``light`` or ``strong``.
+        epochs: Most epochs to train (early stopping may end sooner).
+        batch_size: Images per training batch.
+        optimizer: Optimizer name (``adamw``, ``sgd``, ...).
+        lr: Learning rate of the head.
+        backbone_lr: Learning rate of the pretrained backbone (differential learning rates).
+        weight_decay: Weight decay of the optimizer.
+        scheduler: Learning-rate schedule (``onecycle``, ...).
+        patience: Epochs without validation-loss improvement before stopping early.
+        seed: Seed of weight init, shuffling and augmentation.
+        device: ``auto`` (the GPU when the pod has one), ``cuda`` or ``cpu``.
+        num_workers: DataLoader worker processes.
+        threads: CPU threads for torch (0: torch's default).
+        max_steps_per_epoch: Cap on batches per epoch (0: whole epoch); for smoke runs.
+    """
+    from pathlib import Path
+
+    from imgclf import config
+    from imgclf.steps import train as step
+
+    cfg = config.build(
+        config.TrainConfig,
+        {
+            "model": architecture,
+            "pretrained": pretrained,
+            "freeze_backbone": freeze_backbone,
+            "image_size": image_size,
+            "augment": augment,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "lr": lr,
+            "backbone_lr": backbone_lr,
+            "weight_decay": weight_decay,
+            "scheduler": scheduler,
+            "patience": patience,
+            "seed": seed,
+            "device": device,
+            "num_workers": num_workers,
+            "threads": threads,
+            "max_steps_per_epoch": max_steps_per_epoch,
+        },
+        "component:train",
+    )
+    summary = step.run(cfg, dataset_dir=Path(dataset.path), out_dir=Path(model.path))
+    model.metadata.update(
+        {
+            "framework": "pytorch",
+            "architecture": summary["architecture"],
+            "classes": summary["classes"],
+            "input_size": summary["input_size"],
+            "dataset_hash": summary["dataset_hash"],
+            "torch_version": summary["torch_version"],
+        }
+    )
+    for key, value in sorted(summary["metrics"].items()):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(key, value)

@@ -1,0 +1,239 @@
+"""``imgclf ingest|validate|train|lr-find|evaluate|deploy|data``: the steps as commands.
+
+DVC stages call these. Each handler loads its params.yaml section, applies ``--set``
+overrides, maps ``s3://`` locations to local temp dirs, and calls the step function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imgclf import config
+from imgclf.storage.staging import local_input, local_output
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params",
+        default=str(config.DEFAULT_PARAMS),
+        help="params.yaml to read this step's section from (default: %(default)s)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of this step's section, e.g. --set epochs=2 (repeatable)",
+    )
+
+
+def _load(cls: type, section: str, args: argparse.Namespace, **extra: Any) -> Any:
+    overrides = dict(config.parse_override(o) for o in args.overrides)
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    return config.load_section(cls, section, args.params, overrides)
+
+
+def _registry(args: argparse.Namespace) -> config.RegistryConfig:
+    extra = {"uri": args.registry} if getattr(args, "registry", None) else {}
+    return config.load_section(config.RegistryConfig, "registry", args.params, extra)
+
+
+def _print_summary(summary: dict[str, Any], keys: tuple[str, ...]) -> None:
+    shown = {k: summary[k] for k in keys if k in summary}
+    print(json.dumps(shown, indent=2, sort_keys=True, default=str))
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from imgclf.steps import ingest
+
+    cfg = _load(config.IngestConfig, "ingest", args, source=args.source)
+    with local_output(args.out) as out:
+        summary = ingest.run(cfg, out_dir=out)
+    _print_summary(summary, ("source", "num_images", "num_errors", "counts", "hash"))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from imgclf.steps import validate
+
+    cfg = _load(config.ValidateConfig, "validate", args)
+    with local_input(args.dataset) as ds, local_output(args.out) as out:
+        report = validate.run(cfg, dataset_dir=ds, out_dir=out)
+    warnings = [e["name"] for e in report["expectations"] if not e["success"]]
+    print(f"validation passed ({len(report['expectations'])} expectations)")
+    if warnings:
+        print(f"warnings (non-blocking): {', '.join(warnings)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from imgclf.steps import train
+
+    cfg = _load(config.TrainConfig, "train", args)
+    with local_input(args.dataset) as ds, local_output(args.out) as out:
+        meta = train.run(cfg, dataset_dir=ds, out_dir=out)
+    _print_summary(meta, ("architecture", "metrics"))
+    return 0
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from imgclf.steps import train
+
+    cfg = _load(config.TrainConfig, "train", args)
+    with local_input(args.dataset) as ds, local_output(args.out) as out:
+        result = train.lr_find(cfg, dataset_dir=ds, out_dir=out)
+    _print_summary(result, ("suggested_lr", "plot", "curve"))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from imgclf.steps import evaluate
+
+    cfg = _load(config.EvaluateConfig, "evaluate", args)
+    with (
+        local_input(args.dataset) as ds,
+        local_input(args.model) as model,
+        local_output(args.out) as out,
+    ):
+        metrics = evaluate.run(cfg, _registry(args), dataset_dir=ds, model_dir=model, out_dir=out)
+    _print_summary(metrics, ("accuracy", "loss", "macro_f1", "passed", "reasons", "champion"))
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from imgclf.steps import deploy
+
+    cfg = _load(config.DeployConfig, "deploy", args)
+    with (
+        local_input(args.model) as model,
+        local_input(args.eval) as ev,
+        local_output(args.out) as out,
+    ):
+        result = deploy.run(cfg, _registry(args), model_dir=model, eval_dir=ev, out_dir=out)
+    _print_summary(result, ("promoted", "model_name", "version", "alias", "reasons"))
+    return 0
+
+
+def _data_sample(args: argparse.Namespace) -> int:
+    from imgclf.datasets import materialize_into
+
+    materialize_into(args.source, Path(args.out), image_size=args.image_size)
+    print(f"wrote {args.source} to {args.out}")
+    return 0
+
+
+def _data_ensure(args: argparse.Namespace) -> int:
+    from imgclf.datasets import ensure_data
+
+    print(ensure_data(Path(args.dvc_file), sample=args.sample, image_size=args.image_size))
+    return 0
+
+
+def _add(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+    *paths: tuple[str, str, str | None],
+    registry: bool = False,
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    for flag, helptext, default in paths:
+        p.add_argument(
+            flag,
+            default=default,
+            required=default is None,
+            help=f"{helptext} (local path or s3://bucket/prefix)"
+            + (" (default: %(default)s)" if default else ""),
+        )
+    if registry:
+        p.add_argument("--registry", help="registry URI (default: params.yaml registry.uri)")
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the step commands and ``data`` to the ``imgclf`` parser."""
+    ds = ("--dataset", "dataset dir written by ingest", "out/dataset")
+    model = ("--model", "model dir written by train", "out/model")
+    p = _add(
+        sub,
+        "ingest",
+        _ingest,
+        "Copy, normalise and split the raw images into a dataset dir with manifest.csv.",
+        ("--out", "dataset dir to write", "out/dataset"),
+    )
+    p.add_argument("--source", help="override ingest.source (sample:digits, dir, archive, s3://)")
+    _add(
+        sub,
+        "validate",
+        _validate,
+        "Run the Great Expectations suite on the dataset; fail on a blocking expectation.",
+        ds,
+        ("--out", "validation dir (report.json, data_docs/)", "out/validation"),
+    )
+    _add(
+        sub,
+        "train",
+        _train,
+        "Train (or fine-tune) a classifier; writes weights, a serving export and model.json.",
+        ds,
+        ("--out", "model dir to write", "out/model"),
+    )
+    _add(
+        sub,
+        "lr-find",
+        _lr_find,
+        "Learning-rate range test: plots loss against LR and suggests a learning rate.",
+        ds,
+        ("--out", "dir for lr_find.png and lr_find.csv", "out/lr_find"),
+    )
+    _add(
+        sub,
+        "evaluate",
+        _evaluate,
+        "Score the model on the test split and decide if it may replace production.",
+        ds,
+        model,
+        ("--out", "evaluation dir (metrics.json, confusion.csv, model card)", "out/eval"),
+        registry=True,
+    )
+    _add(
+        sub,
+        "deploy",
+        _deploy,
+        "Publish a model that passed evaluation to the registry, move the production alias "
+        "and render its KServe InferenceService.",
+        model,
+        ("--eval", "evaluation dir written by evaluate", "out/eval"),
+        ("--out", "deploy dir (deploy.json, inferenceservice.yaml)", "out/deploy"),
+        registry=True,
+    )
+
+    data = sub.add_parser("data", help="Create or restore the DVC-versioned raw data/ folder.")
+    dsub = data.add_subparsers(dest="data_command", metavar="<data command>", required=True)
+    sample = dsub.add_parser(
+        "sample", help="Write a source (default sample:digits) as raw ImageFolder images."
+    )
+    sample.add_argument("--source", default="sample:digits", help="default: %(default)s")
+    sample.add_argument("--out", default="data", help="default: %(default)s")
+    sample.add_argument("--image-size", type=int, default=32, help="default: %(default)s")
+    sample.set_defaults(func=_data_sample)
+    ensure = dsub.add_parser(
+        "ensure",
+        help="Make data/ match data.dvc: keep it if it matches, else `dvc pull`, else rebuild "
+        "it from the embedded sample when that reproduces data.dvc exactly.",
+    )
+    ensure.add_argument("--dvc-file", default="data.dvc", help="default: %(default)s")
+    ensure.add_argument("--sample", default="sample:digits", help="default: %(default)s")
+    ensure.add_argument("--image-size", type=int, default=32, help="default: %(default)s")
+    ensure.set_defaults(func=_data_ensure)

@@ -1,0 +1,394 @@
+"""The model registry: numbered, immutable model versions and movable aliases on any Store.
+
+Layout (relative to the store root, see docs/CONTRACTS.md)::
+
+    models/<name>/<version>/CLAIM          who is publishing this number (written first)
+    models/<name>/<version>/model/...      the model dir, file for file
+    models/<name>/<version>/metrics.json   evaluation metrics
+    models/<name>/<version>/lineage.json   dataset hash, git commit, params, source, ...
+    models/<name>/<version>/READY          written last: file list with sha256
+    models/<name>/aliases/<alias>.json     {"version": N, "previous": M|null, "updated_at"}
+
+A store cannot publish many objects atomically, so a version exists only once its ``READY``
+marker does; readers ignore every prefix without it. Version numbers are never reused: the
+next number is one past the highest prefix present, complete or not, so the files of a
+publish that crashed can never be mistaken for a later model. Moving an alias is one
+``write_bytes``, which both backends make atomic, so a reader sees the old or the new alias,
+never a mix. Only the :class:`~imgclf.storage.Store` protocol is used, so the registry works
+the same on a local directory and on S3.
+
+Concurrent publishes of the *same* model name are detected (each writes a random claim
+token first and checks it is still its own before writing ``READY``), not serialised: the
+loser fails with RegistryError and leaves an incomplete prefix behind, which is harmless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import getpass
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from imgclf.errors import RegistryError
+from imgclf.fsutil import atomic_dir, sha256_file
+from imgclf.storage import Store, open_store
+
+DEFAULT_ALIAS = "production"
+MODEL_SUBDIR = "model"
+READY = "READY"
+CLAIM = "CLAIM"
+WEIGHTS_FILE = "model.safetensors"
+
+# A lowercase DNS-1035 label: the model name also becomes the KServe InferenceService name
+# and a Kubernetes label value, which both must be DNS labels starting with a letter.
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_MAX_NAME = 63
+
+
+def validate_name(value: str, what: str = "model name") -> str:
+    """Return ``value`` if it is a valid model/alias name, else raise RegistryError saying why."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > _MAX_NAME:
+        raise RegistryError(
+            f"invalid {what} {value!r}: use 1-{_MAX_NAME} lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-' (it becomes a Kubernetes name; "
+            "set registry.model_name in params.yaml)"
+        )
+    return value
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO-8601 with seconds (what every registry timestamp uses)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def default_registered_by() -> str:
+    """Who publishes: ``IMGCLF_REGISTERED_BY`` (e.g. a KFP run id), else ``user@host``."""
+    explicit = os.environ.get("IMGCLF_REGISTERED_BY")
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionInfo:
+    """One published (READY) model version, as listed and shown by the registry."""
+
+    name: str
+    version: int
+    created_at: str
+    accuracy: float | None
+    dataset_hash: str | None
+    model_sha256: str | None
+    aliases: tuple[str, ...]
+    uri: str
+    files: Mapping[str, str]
+    metrics: Mapping[str, Any]
+    lineage: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (``imgclf registry ... --json``)."""
+        out = dataclasses.asdict(self)
+        out["aliases"] = list(self.aliases)
+        out["files"] = dict(self.files)
+        return out
+
+
+def _load_json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.read_bytes(key))
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{store.uri}/{key}: not valid JSON ({exc})") from None
+
+
+def _dump_json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
+def _local_files(model_dir: Path) -> dict[str, Path]:
+    """Relative POSIX path -> file, skipping hidden files (temp files, editor droppings)."""
+    files = {}
+    for path in sorted(model_dir.rglob("*")):
+        rel = path.relative_to(model_dir)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files[rel.as_posix()] = path
+    return files
+
+
+class ModelRegistry:
+    """Publish, list, fetch and alias model versions stored under ``models/`` of a Store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, uri: str | os.PathLike[str]) -> ModelRegistry:
+        """The registry rooted at ``uri``: a local directory or ``s3://bucket/prefix``."""
+        return cls(open_store(str(uri)))
+
+    @property
+    def uri(self) -> str:
+        """Where the registry lives (the store's URI)."""
+        return self.store.uri
+
+    # -- keys ---------------------------------------------------------------------------
+
+    @staticmethod
+    def version_prefix(name: str, version: int) -> str:
+        """Store key prefix of one version (no trailing slash)."""
+        return f"models/{validate_name(name)}/{int(version)}"
+
+    @classmethod
+    def model_prefix(cls, name: str, version: int) -> str:
+        """Store key prefix of a version's model dir; the InferenceService storage URI."""
+        return f"{cls.version_prefix(name, version)}/{MODEL_SUBDIR}"
+
+    @staticmethod
+    def _alias_key(name: str, alias: str) -> str:
+        return f"models/{validate_name(name)}/aliases/{validate_name(alias, 'alias')}.json"
+
+    # -- scanning -----------------------------------------------------------------------
+
+    def _scan(self, name: str) -> tuple[set[int], set[int]]:
+        """(every version number with any object, the READY ones), from one recursive list."""
+        base = f"models/{validate_name(name)}/"
+        seen: set[int] = set()
+        ready: set[int] = set()
+        for key in self.store.list(base):
+            head, _, rest = key[len(base) :].partition("/")
+            if not head.isdigit():
+                continue
+            seen.add(int(head))
+            if rest == READY:
+                ready.add(int(head))
+        return seen, ready
+
+    def _ready_versions(self, name: str) -> list[int]:
+        return sorted(self._scan(name)[1])
+
+    def _require_ready(self, name: str, version: int) -> None:
+        if not self.store.exists(f"{self.version_prefix(name, version)}/{READY}"):
+            ready = self._ready_versions(name)
+            listed = ", ".join(map(str, ready)) or "none"
+            raise RegistryError(
+                f"model {name!r} has no complete version {version} "
+                f"(ready versions: {listed}; registry: {self.uri})"
+            )
+
+    def _aliases_of(self, name: str) -> dict[int, list[str]]:
+        base = f"models/{validate_name(name)}/aliases/"
+        by_version: dict[int, list[str]] = {}
+        for key in self.store.list(base):
+            if not key.endswith(".json"):
+                continue
+            alias = key[len(base) : -len(".json")]
+            doc = _load_json(self.store, key)
+            by_version.setdefault(int(doc["version"]), []).append(alias)
+        return by_version
+
+    # -- reading ------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """Names of the models that have at least one complete version."""
+        names = set()
+        for key in self.store.list("models/"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[2].isdigit() and parts[3] == READY:
+                names.add(parts[1])
+        return sorted(names)
+
+    def _info(self, name: str, version: int, aliases: list[str]) -> VersionInfo:
+        prefix = self.version_prefix(name, version)
+        marker = _load_json(self.store, f"{prefix}/{READY}")
+        metrics = _load_json(self.store, f"{prefix}/metrics.json")
+        lineage = _load_json(self.store, f"{prefix}/lineage.json")
+        accuracy = metrics.get("accuracy")
+        return VersionInfo(
+            name=name,
+            version=version,
+            created_at=str(marker.get("created_at") or lineage.get("created_at") or ""),
+            accuracy=float(accuracy) if isinstance(accuracy, int | float) else None,
+            dataset_hash=lineage.get("dataset_hash"),
+            model_sha256=marker.get("model_sha256"),
+            aliases=tuple(sorted(aliases)),
+            uri=f"{self.uri.rstrip('/')}/{self.model_prefix(name, version)}",
+            files=dict(marker.get("files") or {}),
+            metrics=metrics,
+            lineage=lineage,
+        )
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Every complete version of ``name``, oldest first (empty if the model is unknown)."""
+        aliases = self._aliases_of(name)
+        return [self._info(name, v, aliases.get(v, [])) for v in self._ready_versions(name)]
+
+    def get(self, name: str, version: int) -> VersionInfo:
+        """One complete version; RegistryError if it does not exist or never finished."""
+        self._require_ready(name, version)
+        return self._info(name, version, self._aliases_of(name).get(int(version), []))
+
+    def find_by_sha256(self, name: str, model_sha256: str) -> VersionInfo | None:
+        """The newest complete version whose weights have this sha256, if any."""
+        for info in reversed(self.list_versions(name)):
+            if info.model_sha256 == model_sha256:
+                return info
+        return None
+
+    def download(self, name: str, version: int, dest: str | os.PathLike[str]) -> Path:
+        """Copy a version's model dir to ``dest`` (replaced atomically), checking every sha256.
+
+        The checksums come from the READY marker, so a file altered or truncated in the
+        store after publishing is caught here instead of being served.
+        """
+        info = self.get(name, version)
+        prefix = self.model_prefix(name, version)
+        target = Path(dest)
+        with atomic_dir(target) as tmp:
+            self.store.download_tree(prefix, tmp)
+            got = _local_files(tmp)
+            missing = sorted(set(info.files) - set(got))
+            if missing:
+                raise RegistryError(
+                    f"{self.uri}/{prefix}: files listed in {READY} are missing: "
+                    + ", ".join(missing)
+                )
+            for rel, expected in info.files.items():
+                actual = sha256_file(got[rel])
+                if actual != expected:
+                    raise RegistryError(
+                        f"{self.uri}/{prefix}/{rel}: sha256 {actual} does not match "
+                        f"{expected} recorded at publish time (corrupted or overwritten)"
+                    )
+        return target
+
+    def alias(self, name: str, alias: str = DEFAULT_ALIAS) -> int | None:
+        """The version ``alias`` points to, or None if it was never set."""
+        doc = self.alias_doc(name, alias)
+        return None if doc is None else int(doc["version"])
+
+    def alias_doc(self, name: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any] | None:
+        """The alias record (``version``, ``previous``, ``updated_at``, ...), or None."""
+        key = self._alias_key(name, alias)
+        if not self.store.exists(key):
+            return None
+        return _load_json(self.store, key)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        name: str,
+        model_dir: str | os.PathLike[str],
+        metrics: Mapping[str, Any],
+        lineage: Mapping[str, Any],
+    ) -> int:
+        """Upload ``model_dir`` as the next version of ``name``; returns its number.
+
+        ``lineage`` gets ``created_at`` and ``registered_by`` when it lacks them. Nothing
+        is visible until the READY marker, written last, lands.
+        """
+        validate_name(name)
+        source = Path(model_dir)
+        if not source.is_dir():
+            raise RegistryError(f"{source}: model dir not found")
+        files = _local_files(source)
+        if not files:
+            raise RegistryError(f"{source}: model dir is empty")
+        checksums = {rel: sha256_file(path) for rel, path in files.items()}
+        created_at = utc_now()
+        lineage_doc = {"created_at": created_at, "registered_by": default_registered_by()}
+        lineage_doc.update(lineage)
+
+        seen, _ = self._scan(name)
+        version = max(seen, default=0) + 1
+        prefix = self.version_prefix(name, version)
+        token = uuid.uuid4().hex
+        self.store.write_bytes(f"{prefix}/{CLAIM}", token.encode("ascii"))
+        for rel, path in files.items():
+            self.store.upload_file(path, f"{prefix}/{MODEL_SUBDIR}/{rel}")
+        self.store.write_bytes(f"{prefix}/metrics.json", _dump_json(dict(metrics)))
+        self.store.write_bytes(f"{prefix}/lineage.json", _dump_json(lineage_doc))
+        if self.store.read_bytes(f"{prefix}/{CLAIM}").decode("ascii", "replace") != token:
+            raise RegistryError(
+                f"{self.uri}/{prefix}: another publish of model {name!r} took version "
+                f"{version} at the same time; run the deploy again"
+            )
+        marker = {
+            "version": version,
+            "created_at": created_at,
+            "files": checksums,
+            "model_sha256": checksums.get(WEIGHTS_FILE),
+        }
+        self.store.write_bytes(f"{prefix}/{READY}", _dump_json(marker))
+        return version
+
+    def _write_alias(self, name: str, alias: str, doc: dict[str, Any]) -> None:
+        # One write_bytes: atomic on both backends, so readers never see a torn alias.
+        self.store.write_bytes(self._alias_key(name, alias), _dump_json(doc))
+
+    def promote(self, name: str, version: int, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
+        """Point ``alias`` at ``version`` (which must be complete); returns the alias record.
+
+        Promoting the version the alias already holds changes nothing, so a rerun of the
+        deploy step does not erase the ``previous`` version a rollback needs.
+        """
+        version = int(version)
+        self._require_ready(name, version)
+        current = self.alias_doc(name, alias)
+        if current is not None and int(current["version"]) == version:
+            return current
+        doc = {
+            "version": version,
+            "previous": None if current is None else int(current["version"]),
+            "updated_at": utc_now(),
+            "action": "promote",
+        }
+        self._write_alias(name, alias, doc)
+        return doc
+
+    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
+        """Move ``alias`` back: to the ``previous`` version it recorded, if that is still
+        complete, else to the highest complete version below the current one.
+
+        The new record's ``previous`` is the next complete version further down, so
+        repeated rollbacks walk back through history instead of toggling between two
+        versions. RegistryError if the alias is unset or nothing older exists.
+        """
+        current = self.alias_doc(name, alias)
+        if current is None:
+            raise RegistryError(
+                f"model {name!r} has no alias {alias!r} to roll back (registry: {self.uri})"
+            )
+        now = int(current["version"])
+        ready = self._ready_versions(name)
+        previous = current.get("previous")
+        if previous is not None and int(previous) in ready and int(previous) != now:
+            target = int(previous)
+        else:
+            older = [v for v in ready if v < now]
+            if not older:
+                raise RegistryError(
+                    f"cannot roll back {name!r} alias {alias!r}: version {now} has no "
+                    f"earlier complete version (registry: {self.uri})"
+                )
+            target = older[-1]
+        below = [v for v in ready if v < target]
+        doc = {
+            "version": target,
+            "previous": below[-1] if below else None,
+            "updated_at": utc_now(),
+            "action": "rollback",
+            "rolled_back_from": now,
+        }
+        self._write_alias(name, alias, doc)
+        return doc

@@ -1,0 +1,546 @@
+"""The S3 store (MinIO, SeaweedFS, AWS) on the ``minio`` SDK.
+
+Why it is more than thin calls into the SDK:
+
+- integrity: every upload carries its content's sha256 as user metadata
+  (``x-amz-meta-sha256``) and every download is checked against it, so a truncated or
+  corrupted artifact is an error instead of a model that silently predicts garbage;
+- throughput: trees of many small files (datasets of PNGs) are transferred by a thread pool,
+  since per-request latency, not bandwidth, bounds a sequential copy;
+- large files go up in multipart parts of ``part_size`` (one part in memory per worker);
+- flaky networks: 5xx answers are retried by urllib3 (exponential backoff with jitter) and
+  dropped or refused connections by an outer loop with the same policy, bounded so that an
+  unreachable endpoint fails within the configured timeout instead of hanging a pipeline;
+- readers never see half a file: downloads go to a temp name, then are renamed.
+
+Errors are :class:`~imgclf.errors.StorageError` with one line naming the endpoint, bucket
+and key; the secret key never appears in them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import check_bucket_name
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from imgclf.errors import ConfigError, StorageError
+from imgclf.fsutil import sha256_file
+from imgclf.storage.base import is_published, publish_tree, split_uri
+from imgclf.storage.s3config import S3Settings
+
+log = logging.getLogger(__name__)
+
+SHA256_METADATA = "sha256"  # the SDK sends it as x-amz-meta-sha256
+SHA256_HEADER = "x-amz-meta-sha256"
+RETRY_STATUS = (500, 502, 503, 504)
+_BACKOFF_BASE = 0.2
+_BACKOFF_MAX = 5.0
+_CHUNK = 1 << 20
+_DENIED = {
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+}
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
+
+T = TypeVar("T")
+
+
+def make_http_client(settings: S3Settings) -> urllib3.PoolManager:
+    """The urllib3 pool the SDK uses: timeouts, and retries of 5xx with backoff and jitter.
+
+    Connection and read errors are *not* retried here (connect=0, read=0) but by
+    :meth:`S3Store._call`, which bounds the total time; retrying them at both levels would
+    multiply the wait on an unreachable endpoint.
+    """
+    retry = urllib3.Retry(
+        total=settings.retries,
+        connect=0,
+        read=0,
+        other=0,
+        status=settings.retries,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=None,  # S3 PUT/DELETE/multipart calls are safe to repeat
+        backoff_factor=_BACKOFF_BASE,
+        backoff_max=_BACKOFF_MAX,
+        backoff_jitter=_BACKOFF_BASE,
+        raise_on_status=False,  # let the SDK turn the last 5xx into an S3Error with details
+    )
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
+        maxsize=settings.workers + 2,
+        retries=retry,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+    )
+
+
+def make_client(settings: S3Settings) -> Minio:
+    """A minio client for ``settings`` with the store's timeouts and retry policy."""
+    return Minio(
+        settings.endpoint,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        session_token=settings.session_token,
+        secure=settings.secure,
+        region=settings.region,
+        http_client=make_http_client(settings),
+    )
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for part in parts for p in part.split("/") if p)
+
+
+class S3Store:
+    """Objects under ``s3://bucket/prefix``; keys are ``/``-separated and relative to it."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        settings: S3Settings | None = None,
+        *,
+        client: Minio | None = None,
+    ) -> None:
+        try:
+            check_bucket_name(bucket)
+        except ValueError:
+            raise ConfigError(
+                f"s3://{bucket}: invalid bucket name (3-63 lowercase letters, digits, '-', '.')"
+            ) from None
+        self.bucket = bucket
+        self.prefix = _join(prefix)
+        self.settings = settings if settings is not None else S3Settings.load()
+        self.client = client if client is not None else make_client(self.settings)
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._bucket_ready = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_uri(cls, uri: str, settings: S3Settings | None = None) -> S3Store:
+        """A store rooted at ``s3://bucket/prefix``; settings from env + params.yaml if None."""
+        try:
+            bucket, prefix = split_uri(uri)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not bucket:
+            raise ConfigError(f"{uri}: no bucket in the S3 URI (expected s3://bucket/prefix)")
+        return cls(bucket, prefix, settings)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r}, endpoint={self.settings.url!r})"
+
+    def close(self) -> None:
+        """Close pooled connections (the store stays usable; new ones are opened on demand)."""
+        self.client._http.clear()
+
+    # -- keys and errors ---------------------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        """The object name in the bucket for a store-relative key."""
+        parts = [p for p in key.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise StorageError(f"{self.uri}: key {key!r} leaves the store")
+        return _join(self.prefix, *parts)
+
+    def _where(self, key: str | None) -> str:
+        if key is None:
+            return f"s3://{self.bucket}"
+        return f"s3://{self.bucket}/{self._name(key)}"
+
+    def _error(
+        self, action: str, key: str | None, exc: BaseException, attempts: int = 1
+    ) -> StorageError:
+        """One line naming endpoint, bucket and key, with the reason a user can act on."""
+        reason = self._reason(exc)
+        if attempts > 1:
+            reason += f" (after {attempts} attempts)"
+        text = f"cannot {action} {self._where(key)} at {self.settings.url}: {reason}"
+        return StorageError(self.settings.redact(" ".join(text.split())))
+
+    def _reason(self, exc: BaseException) -> str:
+        if isinstance(exc, S3Error):
+            if exc.code in _DENIED:
+                return (
+                    f"access denied ({exc.code}); check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY for this endpoint"
+                )
+            if exc.code == "NoSuchBucket":
+                return f"bucket {self.bucket!r} does not exist"
+            if exc.code in _NOT_FOUND:
+                return "not found"
+            return f"{exc.code}: {exc.message}"
+        if isinstance(exc, ServerError):
+            return f"server error (HTTP {exc.status_code})"
+        if isinstance(exc, InvalidResponseError):
+            return f"unexpected response: {str(exc)[:200]}"
+        if isinstance(exc, MaxRetryError) and exc.reason is not None:
+            exc = exc.reason
+        if isinstance(exc, NameResolutionError):
+            return "cannot resolve the host name; check MINIO_ENDPOINT / AWS_ENDPOINT_URL"
+        if isinstance(exc, NewConnectionError):
+            return "cannot connect (connection refused or host unreachable)"
+        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
+            return f"no answer within {self.settings.timeout:g}s (IMGCLF_S3_TIMEOUT)"
+        if isinstance(exc, SSLError):
+            return "TLS failed; if the endpoint speaks plain HTTP use http:// or MINIO_SECURE=false"
+        if isinstance(exc, ProtocolError | ConnectionError):
+            return f"connection lost ({exc})"
+        return f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _retryable(exc: BaseException) -> bool:
+        """Fast connection failures are worth retrying; timeouts already took the full budget."""
+        if isinstance(exc, MaxRetryError):
+            exc = exc.reason if exc.reason is not None else exc
+        if isinstance(exc, NameResolutionError | SSLError):
+            return False
+        if isinstance(exc, NewConnectionError):
+            return True  # subclasses ConnectTimeoutError, so test it first
+        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
+            return False
+        return isinstance(exc, ProtocolError | ConnectionError)
+
+    def _call(self, action: str, key: str | None, fn: Callable[[], T]) -> T:
+        """Run one S3 operation, retrying dropped/refused connections with backoff + jitter.
+
+        Retries stop after ``settings.retries`` or once the time since the first failure
+        plus the next wait would pass ``settings.timeout``, so an endpoint that is down
+        fails within the timeout however many retries are allowed.
+        """
+        attempt = 0
+        first_failure: float | None = None
+        while True:
+            try:
+                return fn()
+            except (S3Error, ServerError, InvalidResponseError) as exc:
+                raise self._error(action, key, exc) from exc
+            except (HTTPError, OSError) as exc:
+                if not self._retryable(exc):
+                    raise self._error(action, key, exc, attempt + 1) from exc
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                if attempt >= self.settings.retries or (
+                    now - first_failure + delay > self.settings.timeout
+                ):
+                    raise self._error(action, key, exc, attempt + 1) from exc
+                log.warning(
+                    "%s %s: %s; retry %d in %.2fs",
+                    action,
+                    self._where(key),
+                    self._reason(exc),
+                    attempt + 1,
+                    delay,
+                )
+                time.sleep(delay)
+                attempt += 1
+
+    def _verify(self, key: str, actual: str, expected: str | None) -> None:
+        if expected and expected.strip().lower() != actual:
+            raise StorageError(
+                f"{self._where(key)} at {self.settings.url}: sha256 mismatch (metadata "
+                f"{expected.strip()}, content {actual}); the object is corrupt or was replaced "
+                "without updating x-amz-meta-sha256"
+            )
+
+    # -- buckets -----------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (once per store; writes call this)."""
+        with self._lock:
+            if self._bucket_ready:
+                return
+
+            def make() -> None:
+                if self.client.bucket_exists(self.bucket):
+                    return
+                try:
+                    self.client.make_bucket(self.bucket, location=self.settings.region)
+                except S3Error as exc:
+                    # another writer created it first (parallel stages, other hosts)
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+                    if not self.client.bucket_exists(self.bucket):
+                        raise
+
+            self._call("create bucket", None, make)
+            self._bucket_ready = True
+
+    # -- the Store protocol --------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """True if an object exists at ``key`` (a "directory" prefix is not an object)."""
+        if not _join(key):
+            return False
+        name = self._name(key)
+
+        def stat() -> bool:
+            try:
+                self.client.stat_object(self.bucket, name)
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND:
+                    return False
+                raise
+            return True
+
+        return self._call("stat", key, stat)
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Keys under ``prefix`` (sorted); non-recursive lists one level, dirs end with '/'."""
+        base = self._name(prefix)
+        s3_prefix = base + "/" if base else ""
+        cut = len(self.prefix) + 1 if self.prefix else 0
+
+        def names() -> list[str]:
+            try:
+                objects = self.client.list_objects(
+                    self.bucket, prefix=s3_prefix, recursive=recursive
+                )
+                return [o.object_name for o in objects if o.object_name]
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return []
+                raise
+
+        found = self._call("list", prefix, names)
+        # zero-byte "folder/" marker objects made by some tools are not files
+        return sorted(
+            n[cut:] for n in found if n != s3_prefix and not (recursive and n.endswith("/"))
+        )
+
+    def read_bytes(self, key: str) -> bytes:
+        """The object's content, checked against its stored sha256."""
+        name = self._require_name(key)
+
+        def get() -> tuple[bytes, str | None]:
+            response = self.client.get_object(self.bucket, name)
+            try:
+                return response.read(decode_content=False), response.headers.get(SHA256_HEADER)
+            finally:
+                response.close()
+                response.release_conn()
+
+        data, expected = self._call("read", key, get)
+        self._verify(key, hashlib.sha256(data).hexdigest(), expected)
+        return data
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Create or replace one object atomically (a single PUT, or one completed multipart)."""
+        name = self._require_name(key)
+        self.ensure_bucket()
+        metadata: dict[str, Any] = {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
+        self._call(
+            "write",
+            key,
+            lambda: self.client.put_object(
+                self.bucket,
+                name,
+                io.BytesIO(data),
+                len(data),
+                content_type=_content_type(name),
+                metadata=metadata,
+                part_size=self.settings.part_size,
+                num_parallel_uploads=1,
+            ),
+        )
+
+    def upload_file(self, path: Path, key: str) -> None:
+        """Copy a local file to ``key``, multipart above ``part_size``, with its sha256.
+
+        Parts go up one at a time (``num_parallel_uploads=1``): the SDK's part pool reads the
+        whole file into memory ahead of the uploads, while trees are already parallel per file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StorageError(f"{path}: not a file, cannot upload it to {self._where(key)}")
+        name = self._require_name(key)
+        self.ensure_bucket()
+        metadata: dict[str, Any] = {SHA256_METADATA: sha256_file(path)}
+        self._call(
+            "upload",
+            key,
+            lambda: self.client.fput_object(
+                self.bucket,
+                name,
+                str(path),
+                content_type=_content_type(name),
+                metadata=metadata,
+                part_size=self.settings.part_size,
+                num_parallel_uploads=1,
+            ),
+        )
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Copy ``key`` to ``path`` via a temp file in the same dir, checked, then renamed."""
+        name = self._require_name(key)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def get() -> None:
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+            try:
+                response = self.client.get_object(self.bucket, name)
+                try:
+                    digest = hashlib.sha256()
+                    with open(tmp, "wb") as fh:
+                        for chunk in response.stream(_CHUNK, decode_content=False):
+                            fh.write(chunk)
+                            digest.update(chunk)
+                    expected = response.headers.get(SHA256_HEADER)
+                finally:
+                    response.close()
+                    response.release_conn()
+                self._verify(key, digest.hexdigest(), expected)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        self._call("download", key, get)
+
+    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+        """Copy a local tree under ``prefix`` with ``settings.workers`` parallel uploads."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageError(f"{local_dir}: not a directory, cannot upload it to {self.uri}")
+        pairs = [
+            (p, _join(prefix, p.relative_to(local_dir).as_posix()))
+            for p in sorted(local_dir.rglob("*"))
+            if p.is_file()
+        ]
+        if pairs:
+            self.ensure_bucket()
+        self._parallel([lambda p=p, k=k: self.upload_file(p, k) for p, k in pairs])
+        return [k for _, k in pairs]
+
+    def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
+        """Copy every object under ``prefix`` into ``local_dir`` with parallel downloads."""
+        base = _join(prefix)
+        pairs = []
+        for key in self.list(base, recursive=True):
+            rel = key[len(base) :].lstrip("/") if base else key
+            parts = rel.split("/")
+            if any(p in ("", ".", "..") for p in parts):
+                raise StorageError(f"{self._where(key)}: key cannot be a local file name")
+            pairs.append((key, Path(local_dir).joinpath(*parts)))
+        self._parallel([lambda k=k, d=d: self.download_file(k, d) for k, d in pairs])
+        return [d for _, d in pairs]
+
+    def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
+        """Remove one object, or every object under a prefix when ``recursive``."""
+        name = self._name(key_or_prefix)
+        if not recursive:
+            if not _join(key_or_prefix):
+                raise StorageError(f"{self.uri}: deleting the store root needs recursive=True")
+
+            def remove_one() -> None:
+                try:
+                    self.client.remove_object(self.bucket, name)
+                except S3Error as exc:
+                    if exc.code != "NoSuchBucket":
+                        raise
+
+            self._call("delete", key_or_prefix, remove_one)
+            return
+
+        def remove_all() -> None:
+            try:
+                names = [
+                    o.object_name
+                    for o in self.client.list_objects(
+                        self.bucket, prefix=name + "/" if name else "", recursive=True
+                    )
+                    if o.object_name
+                ]
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return
+                raise
+            if name:
+                names.append(name)
+            errors = list(self.client.remove_objects(self.bucket, (DeleteObject(n) for n in names)))
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"cannot delete s3://{self.bucket}/{first.name} at {self.settings.url}: "
+                    f"{first.code}: {first.message} ({len(errors)} object(s) not deleted)"
+                )
+
+        self._call("delete", key_or_prefix, remove_all)
+
+    # -- beyond the protocol --------------------------------------------------------------
+
+    def sha256(self, key: str) -> str:
+        """The object's sha256: from its metadata when present, else by reading it."""
+        name = self._require_name(key)
+        stat = self._call("stat", key, lambda: self.client.stat_object(self.bucket, name))
+        stored = (stat.metadata or {}).get(SHA256_HEADER)
+        if stored:
+            return str(stored).strip().lower()
+        return hashlib.sha256(self.read_bytes(key)).hexdigest()
+
+    def publish_tree(self, local_dir: Path, prefix: str, marker: str = "READY") -> list[str]:
+        """Upload ``local_dir`` under ``prefix``, then write ``marker`` last (see base)."""
+        return publish_tree(self, local_dir, prefix, marker)
+
+    def is_published(self, prefix: str, marker: str = "READY") -> bool:
+        """True if ``prefix`` carries the marker, i.e. every file of it was uploaded."""
+        return is_published(self, prefix, marker)
+
+    def _require_name(self, key: str) -> str:
+        if not _join(key):
+            raise StorageError(f"{self.uri}: an object key is required, got {key!r}")
+        return self._name(key)
+
+    def _parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """Run tasks on ``settings.workers`` threads; the first failure cancels the rest."""
+        workers = min(self.settings.workers, len(tasks))
+        if workers <= 1:
+            for task in tasks:
+                task()
+            return
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-transfer")
+        try:
+            futures = [pool.submit(task) for task in tasks]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+
+def _content_type(name: str) -> str:
+    """A content type from the extension, so HTML reports open in a browser from S3."""
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"

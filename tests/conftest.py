@@ -1,0 +1,82 @@
+"""Shared pytest fixtures: tiny image trees written with PIL and a real local HTTP server."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture
+def make_images() -> Callable[..., list[Path]]:
+    """Factory: ``make_images(folder, n, size=(12, 10), mode="RGB", fmt="png", prefix="img")``.
+
+    Writes ``n`` images with distinct random pixels (so no two files share a hash) named
+    ``<prefix>_<i>.<fmt>`` and returns their paths; successive calls never repeat pixels.
+    """
+    rng = np.random.default_rng(1234)
+
+    def make(
+        folder: Path,
+        n: int,
+        *,
+        size: tuple[int, int] = (12, 10),
+        mode: str = "RGB",
+        fmt: str = "png",
+        prefix: str = "img",
+    ) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        paths = []
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+            image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+            path = folder / f"{prefix}_{i}.{fmt}"
+            image.save(path)
+            paths.append(path)
+        return paths
+
+    return make
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticServer:
+    """A running ``http.server`` on 127.0.0.1 serving the files under ``root``."""
+
+    root: Path
+    base_url: str
+
+    def url(self, name: str) -> str:
+        """The URL of ``root / name``."""
+        return f"{self.base_url}/{name}"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep request lines out of the test output."""
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[StaticServer]:
+    """A real HTTP server (stdlib, in a thread) serving a fresh ``tmp_path / "www"``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield StaticServer(root=root, base_url=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
