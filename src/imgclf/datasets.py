@@ -43,12 +43,27 @@ def _tracked_path(dvc_file: Path) -> Path:
         raise DataError(f"{dvc_file}: cannot read the tracked path ({exc})") from None
 
 
+def _out_md5(dvc_file: Path) -> str:
+    spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
+    return str(spec["outs"][0].get("md5", ""))
+
+
 def _matches(dvc_file: Path) -> bool:
-    """True if DVC finds the workspace copy of the tracked folder identical to ``dvc_file``."""
-    res = _dvc("status", "--json", dvc_file.name, cwd=dvc_file.parent)
-    if res.returncode != 0:
-        raise DataError(f"`dvc status {dvc_file.name}` failed: {res.stderr.strip()}")
-    return json.loads(res.stdout or "{}") == {}
+    """True if the workspace copy of the tracked folder has exactly the hash ``dvc_file`` pins.
+
+    ``dvc status`` cannot say so on a fresh clone (it reports "not in cache"), so let
+    ``dvc commit`` hash the folder into the cache and compare the md5 it would record; the
+    ``.dvc`` file itself is always left byte-for-byte as it was.
+    """
+    pinned_text = dvc_file.read_text(encoding="utf-8")
+    pinned = _out_md5(dvc_file)
+    res = _dvc("commit", "--force", dvc_file.name, cwd=dvc_file.parent)
+    try:
+        if res.returncode != 0:
+            raise DataError(f"`dvc commit {dvc_file.name}` failed: {res.stderr.strip()}")
+        return _out_md5(dvc_file) == pinned
+    finally:
+        dvc_file.write_text(pinned_text, encoding="utf-8")
 
 
 def ensure_data(dvc_file: Path, *, sample: str = "sample:digits", image_size: int = 32) -> str:
@@ -73,7 +88,7 @@ def ensure_data(dvc_file: Path, *, sample: str = "sample:digits", image_size: in
     if env_remote:
         pulled = _dvc("pull", dvc_file.name, cwd=dvc_file.parent)
         if pulled.returncode == 0 and data.exists() and _matches(dvc_file):
-            return f"pulled {data.name}/ from the DVC remote"
+            return f"restored {data.name}/ with `dvc pull` (DVC cache or remote)"
         log.info("dvc pull did not restore %s/; rebuilding it from %s", data.name, sample)
     materialize_into(sample, data, image_size=image_size)
     if not _matches(dvc_file):
@@ -82,6 +97,4 @@ def ensure_data(dvc_file: Path, *, sample: str = "sample:digits", image_size: in
             f"`dvc pull` it from the remote, or run `dvc add {data.name}` if you meant to "
             "change the dataset"
         )
-    # Put the content in the DVC cache so `dvc push` can send it to a remote later.
-    _dvc("commit", "--force", dvc_file.name, cwd=dvc_file.parent)
     return f"rebuilt {data.name}/ from {sample}; it matches {dvc_file.name}"
