@@ -7,9 +7,9 @@ MySQL and cannot run on a CI runner. Everything on the client side is real: ``kf
 multipart uploads and JSON bodies the tests inspect are the ones a cluster would receive.
 
 The endpoints are those ``kfp_server_api/api/*.py`` calls for imgclf's commands (healthz,
-pipelines + upload/upload_version + versions, experiments, runs, recurring runs
-with :enable/:disable), answering JSON in the server's shape: snake_case fields (but ``recurringRuns`` in the
-recurring-run listing, as the server's proto names it), RFC 3339
+pipelines + upload/upload_version + versions, experiments, runs, recurring runs with
+:enable/:disable), answering JSON in the server's shape: snake_case fields (but
+``recurringRuns`` in the recurring-run listing, as the server's proto names it), RFC 3339
 times, int64 fields such as ``max_concurrency`` as strings, empty lists omitted, errors as
 ``{"code", "message"}`` with the gRPC-gateway HTTP status. List filters (the JSON
 ``Filter`` predicates EQUALS / NOT_EQUALS / IS_SUBSTRING), ``sort_by``, ``page_size`` /
@@ -194,7 +194,9 @@ class KfpApiDouble:
         handler = _make_handler(self)
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -516,6 +518,7 @@ def _parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], di
 def _make_handler(double: KfpApiDouble) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in two writes
 
         def _serve(self) -> None:
             url = urllib.parse.urlsplit(self.path)

@@ -6,7 +6,6 @@ received: uploaded bytes, JSON bodies, paths and query strings.
 """
 
 # No `from __future__ import annotations`: KFP reads the components' annotations as types.
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,11 @@ import yaml
 from google.protobuf import json_format
 from kfp import compiler, dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
-from kfp_api_double import KfpApiDouble
 
 from imgclf import kfp_client as kc
 from imgclf.cli import main
 from imgclf.errors import ConfigError
+from kfp_api_double import KfpApiDouble
 
 TOKEN = "tok-3f9a-do-not-print"
 BASE = "python:3.11-slim"
@@ -135,7 +134,7 @@ def test_validate_cron_five_fields_shows_six_field_form() -> None:
         ("0 0 ? * * *", '"?" is only allowed in day-of-month and day-of-week'),
         ("0 0 5-2 * * *", "range '5-2' runs backwards"),
         ("0 */0 * * * *", "step '0' in '*/0' must be a positive integer"),
-        ("0 1,,2 * * *", "empty item in minutes"),
+        ("0 1,,2 * * * *", "empty item in minutes"),
         ("0 0 2 L * *", "day-of-month value 'L' is not a number"),
         ("0 0 2- * * *", "hours item '2-' is not valid cron syntax"),
         ("@every 1h", "has 2 fields"),
@@ -149,9 +148,7 @@ def test_validate_cron_rejects(expr: str, fragment: str) -> None:
 
 def test_parse_params_types_values_from_the_pipeline_spec(package: Path) -> None:
     spec = kc.load_package(package)
-    params = kc.parse_params(
-        ["epochs=3", "lr=5e-4", "source=2024", "flag=true"], spec
-    )
+    params = kc.parse_params(["epochs=3", "lr=5e-4", "source=2024", "flag=true"], spec)
     assert params == {"epochs": 3, "lr": 0.0005, "source": "2024", "flag": True}
     assert type(params["epochs"]) is int and type(params["lr"]) is float
     with pytest.raises(ConfigError, match=r"no such input \(inputs: epochs, flag, lr, source\)"):
@@ -172,7 +169,7 @@ def test_load_package_rejects_what_is_not_a_pipeline(tmp_path: Path) -> None:
         kc.load_package(not_spec)
     with pytest.raises(ConfigError, match="no such file"):
         kc.load_package(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="expected a compiled pipeline .yaml"):
+    with pytest.raises(ConfigError, match=r"expected a compiled pipeline \.yaml"):
         kc.load_package(tmp_path / "pipeline.json")
 
 
@@ -513,7 +510,8 @@ def test_unreachable_host_is_one_line_naming_it(
     code, _, err = cli(capsys, "runs", "--host", host)
     assert code == 1
     (line,) = err.strip().splitlines()
-    assert line.startswith(f"imgclf pipeline: error: health check: cannot reach the KFP API at {host}")
+    prefix = "imgclf pipeline: error: health check: cannot reach the KFP API at "
+    assert line.startswith(prefix + host)
     assert "Connection refused" in line
 
 
@@ -567,7 +565,9 @@ def test_compile_and_run_the_training_pipeline(
     assert code == 0 and f"compiled {kc.DEFAULT_PACKAGE}" in out
     run = body_of(api, "POST", "/runs")
     assert run["runtime_config"]["parameters"] == {"epochs": 2, "lr": 0.01, "source": "2024"}
-    assert run["pipeline_spec"]["root"] == spec["root"]
+    # The cluster wiring (secrets, GPU node selector) travels as the platform spec beside it.
+    assert run["pipeline_spec"]["pipeline_spec"]["root"] == spec["root"]
+    assert "kubernetes" in run["pipeline_spec"]["platform_spec"]["platforms"]
 
     code, _, _ = cli(capsys, "upload", "--package", str(out_path))
     assert code == 0
@@ -584,7 +584,7 @@ def test_run_local_executes_the_dag(tmp_path: Path) -> None:
     result = kc.run_local(local_pipeline, ["times=3", "text=xyz"], pipeline_root=root)
     assert result["outputs"] == {"Output": 9}
     assert result["parameters"] == {"times": 3, "text": "xyz"}
-    (written,) = root.glob("tiny-local-*/_write/out")
+    (written,) = root.glob("tiny-local-*/write/out")
     assert written.read_text() == "xyz" * 3
 
     with pytest.raises(kc.RunFailed, match="local run of tiny-local failed"):

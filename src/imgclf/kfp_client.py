@@ -106,12 +106,10 @@ _CRON_DESCRIPTORS = frozenset(
 def _check_cron_part(part: str, field: _CronField, expr: str) -> None:
     """One comma-separated item: ``*``, ``?``, ``N``, ``A-B``, each optionally ``/STEP``."""
     base, slash, step = part.partition("/")
-    if slash:
-        if not step.isdigit() or int(step) == 0:
-            raise ConfigError(
-                f'--cron "{expr}": {field.name} step {step!r} in {part!r} must be a positive '
-                "integer"
-            )
+    if slash and (not step.isdigit() or int(step) == 0):
+        raise ConfigError(
+            f'--cron "{expr}": {field.name} step {step!r} in {part!r} must be a positive integer'
+        )
     if base == "*":
         return
     if base == "?":

@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,7 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         f"{kc.DEFAULT_PACKAGE} first)",
     )
     p.add_argument("--pipeline-id", help="run an uploaded pipeline instead of a package")
-    p.add_argument(
-        "--version-id", help="version of --pipeline-id (default: its newest version)"
-    )
+    p.add_argument("--version-id", help="version of --pipeline-id (default: its newest version)")
 
 
 def _param_flags(p: argparse.ArgumentParser) -> None:
@@ -129,7 +128,7 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer() -> Any:
+def _progress_printer() -> Callable[[kc.RunInfo, float], None]:
     """A progress line: rewritten in place on a terminal, one line per change otherwise."""
     tty = sys.stderr.isatty()
     last: list[str] = []
