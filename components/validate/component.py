@@ -30,8 +30,8 @@ def validate(
         dataset: Dataset dir written by the ingest component.
         report: Output validation dir: ``report.json`` (every expectation, offending files),
             ``metrics.json`` and the full Great Expectations Data Docs site.
-        data_docs: Output single HTML page of the Data Docs (the validation result page)
-            for the KFP UI's viewer.
+        data_docs: Output single HTML page with every suite's Data Docs validation result
+            inlined, for the KFP UI's viewer.
         metrics: Output scalar metrics of the validation (``num_images``, ``num_failed``, ...).
         min_width: Smallest image width in pixels accepted.
         max_width: Largest image width in pixels accepted.
@@ -44,7 +44,7 @@ def validate(
         max_imbalance_ratio: Largest ratio of the biggest to the smallest train class.
         imbalance_blocking: Whether class imbalance fails the run instead of only warning.
     """
-    import shutil
+    import html
     from pathlib import Path
 
     from imgclf import config
@@ -70,7 +70,7 @@ def validate(
     out_dir = Path(report.path)
     result = step.run(cfg, dataset_dir=Path(dataset.path), out_dir=out_dir)
 
-    expectations = result.get("expectations", [])
+    expectations = result["expectations"]
     report.metadata.update(
         {
             "success": result["success"],
@@ -78,14 +78,21 @@ def validate(
             "failed": [e["name"] for e in expectations if not e["success"]],
         }
     )
-    metrics.log_metric("expectations", len(expectations))
-    metrics.log_metric("expectations_failed", sum(not e["success"] for e in expectations))
     for key, value in sorted(read_json(out_dir / "metrics.json").items()):
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)
 
-    # The KFP UI shows one HTML file without its neighbours, so links out of the Data Docs
-    # index would be dead there; the validation result page is the one worth showing.
-    docs = out_dir / "data_docs"
-    pages = sorted(docs.glob("validations/**/*.html"))
-    shutil.copyfile(pages[-1] if pages else docs / "index.html", data_docs.path)
+    # The KFP UI shows one HTML file without its neighbours, so the Data Docs index would
+    # only offer dead links there: inline each suite's validation result page instead.
+    results = out_dir / "data_docs" / "validations"
+    sections = [
+        f"<h2>{html.escape(page.relative_to(results).parts[0])}</h2>"
+        f'<iframe srcdoc="{html.escape(page.read_text(encoding="utf-8"))}" '
+        'style="width:100%;height:80vh;border:0"></iframe>'
+        for page in sorted(results.glob("**/*.html"))
+    ]
+    Path(data_docs.path).write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data validation</title>"
+        f"</head><body>{''.join(sections)}</body></html>\n",
+        encoding="utf-8",
+    )

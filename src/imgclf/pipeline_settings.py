@@ -37,9 +37,9 @@ class ClusterSettings:
 
     The defaults fit the manifests in ``k8s/``: namespace ``imgclf``, the ``imgclf-minio``
     Secret, the ``imgclf-s3`` ConfigMap, the buckets the dev overlay creates, and NVIDIA's
-    device plugin / GPU operator
-    (which labels GPU nodes ``nvidia.com/gpu.present=true`` and is usually paired with a
-    ``nvidia.com/gpu:NoSchedule`` taint so that only GPU work lands there).
+    GPU operator, which labels GPU nodes ``nvidia.com/gpu.present=true``; GPU pools usually
+    carry a ``nvidia.com/gpu:NoSchedule`` taint so that only GPU work lands there.
+    ``gpu_limit: 0`` trains on ordinary nodes (no accelerator, selector or toleration).
     """
 
     source: str = "sample:digits"

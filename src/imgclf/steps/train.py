@@ -228,7 +228,7 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
             stale += 1
         lowest_loss = min(lowest_loss, val_m["loss"])
         highest_acc = max(highest_acc, val_m["accuracy"])
-        if cfg.patience > 0 and stale >= cfg.patience:
+        if cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs:
             log.info("early stop after epoch %d: no val improvement in %d epochs", epoch, stale)
             break
     assert best is not None
