@@ -80,3 +80,6 @@ def http_server(tmp_path: Path) -> Iterator[StaticServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+pytest_plugins = ["s3_server"]  # session S3 server fixtures (tests/s3_server.py)

@@ -312,7 +312,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
-    """Rebuild the first conv for ``in_channels``, folding RGB filters so pretrained stays useful."""
+    """Rebuild the first conv for ``in_channels``; RGB filters are folded to keep pretraining."""
     name, conv = next(
         ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None)
     )

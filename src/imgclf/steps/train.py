@@ -147,70 +147,77 @@ def export_program(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
     return program
 
 
-def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
-    """Best epoch = highest val accuracy, ties broken by lower val loss."""
-    if best is None:
-        return True
-    return (candidate["accuracy"], -candidate["loss"]) > (best["accuracy"], -best["loss"])
+class _EarlyStopping:
+    """Tracks the best epoch and how long validation has stalled.
 
-
-def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
-
-    Early stopping: an epoch that neither lowers the val loss nor raises the val accuracy
-    counts against ``cfg.patience`` (<= 0 disables it). The weights of the best epoch are
-    kept in memory and are the ones saved. Returns the ``model.json`` content.
+    Best epoch = highest val accuracy, ties broken by lower val loss (accuracy is what the
+    gate judges). An epoch that neither lowers the val loss nor raises the val accuracy is
+    stale; ``patience`` stale epochs in a row stop the run (``patience <= 0`` never stops).
     """
-    dataset_dir = Path(dataset_dir)
-    setup = _Setup(cfg, dataset_dir)
-    model, device = setup.model, setup.device
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: dict[str, float] | None = None
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.lowest_loss, self.highest_acc, self.stale = math.inf, -math.inf, 0
+
+    def update(self, epoch: int, val: dict[str, Any], model: nn.Module) -> bool:
+        """Record one epoch's val metrics (and weights if best); True means stop now."""
+        key = (val["accuracy"], -val["loss"])
+        if self.best is None or key > (self.best["accuracy"], -self.best["loss"]):
+            self.best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
+            # A CPU copy: the device copy keeps training, and CPU memory is the cheaper one.
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+            }
+        improved = val["loss"] < self.lowest_loss or val["accuracy"] > self.highest_acc
+        self.stale = 0 if improved else self.stale + 1
+        self.lowest_loss = min(self.lowest_loss, val["loss"])
+        self.highest_acc = max(self.highest_acc, val["accuracy"])
+        return self.patience > 0 and self.stale >= self.patience
+
+
+def _history_row(epoch: int, train_m: dict[str, Any], val_m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "train_loss": round(train_m["loss"], 6),
+        "train_acc": round(train_m["accuracy"], 6),
+        "val_loss": round(val_m["loss"], 6),
+        "val_acc": round(val_m["accuracy"], 6),
+        "lr": train_m["lr"],
+        "seconds": round(train_m["seconds"] + val_m["seconds"], 3),
+    }
+
+
+def _fit(cfg: TrainConfig, setup: _Setup) -> tuple[list[dict[str, Any]], _EarlyStopping]:
+    """The epoch loop: train, validate, keep the best weights, stop when val stalls."""
     steps_per_epoch = engine.count_steps(setup.train_loader, cfg.max_steps_per_epoch)
     scheduler = engine.create_scheduler(
         cfg.scheduler, setup.optimizer, total_steps=cfg.epochs * steps_per_epoch
     )
-    log.info(
-        "training %s on %s: %d train / %d val images, %d classes",
-        cfg.model,
-        device,
-        len(setup.train_loader.dataset),  # type: ignore[arg-type]
-        len(setup.val_loader.dataset),  # type: ignore[arg-type]
-        len(setup.classes),
-    )
     history: list[dict[str, Any]] = []
-    best: dict[str, float] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    lowest_loss, highest_acc, stale = math.inf, -math.inf, 0
+    tracker = _EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.epochs + 1):
         train_m = engine.train_one_epoch(
-            model,
+            setup.model,
             setup.train_loader,
             setup.optimizer,
             scheduler,
-            device,
+            setup.device,
             setup.scaler,
             amp_dtype=setup.amp_dtype,
             max_steps=cfg.max_steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
         )
         val_m = engine.evaluate(
-            model,
+            setup.model,
             setup.val_loader,
-            device,
+            setup.device,
             amp_dtype=setup.amp_dtype,
             max_steps=cfg.max_steps_per_epoch,
             desc="val",
         )
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": round(train_m["loss"], 6),
-                "train_acc": round(train_m["accuracy"], 6),
-                "val_loss": round(val_m["loss"], 6),
-                "val_acc": round(val_m["accuracy"], 6),
-                "lr": train_m["lr"],
-                "seconds": round(train_m["seconds"] + val_m["seconds"], 3),
-            }
-        )
+        history.append(_history_row(epoch, train_m, val_m))
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
             epoch,
@@ -219,23 +226,33 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
             val_m["loss"],
             val_m["accuracy"],
         )
-        if _better(val_m, best):
-            best = {"accuracy": val_m["accuracy"], "loss": val_m["loss"], "epoch": epoch}
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if val_m["loss"] < lowest_loss or val_m["accuracy"] > highest_acc:
-            stale = 0
-        else:
-            stale += 1
-        lowest_loss = min(lowest_loss, val_m["loss"])
-        highest_acc = max(highest_acc, val_m["accuracy"])
-        if cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs:
-            log.info("early stop after epoch %d: no val improvement in %d epochs", epoch, stale)
+        if tracker.update(epoch, val_m, setup.model) and epoch < cfg.epochs:
+            log.info("early stop after epoch %d: val stalled for %d epochs", epoch, tracker.stale)
             break
-    assert best is not None
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    model.load_state_dict(best_state)
+    return history, tracker
+
+
+def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
+
+    The weights of the best validation epoch are the ones saved (see ``_EarlyStopping``).
+    Returns the ``model.json`` content.
+    """
+    setup = _Setup(cfg, Path(dataset_dir))
+    log.info(
+        "training %s on %s: %d train / %d val images, %d classes",
+        cfg.model,
+        setup.device,
+        len(setup.train_loader.dataset),  # type: ignore[arg-type]
+        len(setup.val_loader.dataset),  # type: ignore[arg-type]
+        len(setup.classes),
+    )
+    history, tracker = _fit(cfg, setup)
+    assert tracker.best is not None  # epochs >= 1
+    model = setup.model.to("cpu", memory_format=torch.contiguous_format)
+    model.load_state_dict(tracker.best_state)
     model.eval()
-    meta = _model_json(cfg, setup, best, epochs_run=len(history), device=device)
+    meta = _model_json(cfg, setup, tracker.best, epochs_run=len(history))
     _write_model_dir(Path(out_dir), model, meta, cfg, history)
     return meta
 
@@ -246,7 +263,6 @@ def _model_json(
     best: dict[str, float],
     *,
     epochs_run: int,
-    device: torch.device,
 ) -> dict[str, Any]:
     import torchvision
 
@@ -270,7 +286,7 @@ def _model_json(
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
-        "trained_on": str(device),
+        "trained_on": str(setup.device),
         "files": {"weights": "model.safetensors", "export": "model.pt2"},
     }
 
@@ -282,12 +298,14 @@ def _write_model_dir(
     cfg: TrainConfig,
     history: list[dict[str, Any]],
 ) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     program = export_program(model, tuple(meta["input_size"]))
     with atomic_dir(out_dir) as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"architecture": cfg.model})
+        # Serialised in memory and written with a plain open(): safetensors' own save_file
+        # leaves a 0600 file, which a serving container running as another user cannot read.
+        (tmp / "model.safetensors").write_bytes(save(state, metadata={"architecture": cfg.model}))
         torch.export.save(program, tmp / "model.pt2")
         write_json(tmp / "model.json", meta)
         write_text(tmp / "history.csv", _csv_text(history, HISTORY_COLUMNS))
@@ -359,6 +377,10 @@ def _plot_lr_curve(records: list[dict[str, float]], suggested: float, path: Path
     ax.plot([r["lr"] for r in records], [r["smoothed_loss"] for r in records], label="smoothed")
     ax.axvline(suggested, color="red", linestyle="--", label=f"suggested {suggested:.2g}")
     ax.set_xscale("log")
+    # Diverged losses (often 10x the start) would flatten the interesting part of the curve.
+    smoothed = [r["smoothed_loss"] for r in records]
+    lowest = smoothed.index(min(smoothed))
+    ax.set_ylim(0, 1.3 * max(smoothed[: lowest + 1]))
     ax.set_xlabel("learning rate (head)")
     ax.set_ylabel("training loss")
     ax.set_title("LR range test")

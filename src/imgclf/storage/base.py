@@ -94,6 +94,8 @@ def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = "READ
 
     local_dir = Path(local_dir)
     base = "/".join(p for p in prefix.split("/") if p)
+    if not local_dir.is_dir():
+        raise StorageError(f"{local_dir}: not a directory, nothing to publish")
     if (local_dir / marker).exists():
         raise StorageError(f"{local_dir / marker}: the name {marker!r} is reserved for the marker")
     marker_key = f"{base}/{marker}" if base else marker

@@ -133,7 +133,7 @@ class S3Store:
         client: Minio | None = None,
     ) -> None:
         try:
-            check_bucket_name(bucket)
+            check_bucket_name(bucket, strict=True)
         except ValueError:
             raise ConfigError(
                 f"s3://{bucket}: invalid bucket name (3-63 lowercase letters, digits, '-', '.')"
@@ -378,12 +378,26 @@ class S3Store:
     def upload_file(self, path: Path, key: str) -> None:
         """Copy a local file to ``key``, multipart above ``part_size``, with its sha256.
 
-        Parts go up one at a time (``num_parallel_uploads=1``): the SDK's part pool reads the
-        whole file into memory ahead of the uploads, while trees are already parallel per file.
+        A file of at most one part is read once and sent from memory, so the stored hash is
+        the hash of exactly the bytes sent. Larger files stream from disk after a hashing
+        pass, their parts one at a time (``num_parallel_uploads=1``): the SDK's part pool
+        reads the whole file into memory ahead of the uploads, and trees are already
+        parallel per file.
         """
         path = Path(path)
-        if not path.is_file():
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        if size < 0 or not path.is_file():
             raise StorageError(f"{path}: not a file, cannot upload it to {self._where(key)}")
+        if size <= self.settings.part_size:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise StorageError(f"{path}: cannot read it for upload: {exc}") from None
+            self.write_bytes(key, data)
+            return
         name = self._require_name(key)
         self.ensure_bucket()
         metadata: dict[str, Any] = {SHA256_METADATA: sha256_file(path)}

@@ -88,7 +88,8 @@ class S3Settings:
     workers: int = 8
 
     def __post_init__(self) -> None:
-        _check_ranges(self, where="S3 settings")
+        for name in _LIMITS:
+            _check_value(name, getattr(self, name), f"S3Settings.{name}")
 
     def __repr__(self) -> str:
         key = _mask(self.access_key) if self.access_key else None
@@ -146,22 +147,9 @@ class S3Settings:
         if values.get("secure") is None:
             values.pop("secure", None)
 
-        access = _first(env, ACCESS_KEY_VARS)
-        secret = _first(env, SECRET_KEY_VARS)
-        if access is not None:
-            values["access_key"] = access[1]
-            if secret is None:
-                raise ConfigError(
-                    f"{access[0]} is set but {' / '.join(SECRET_KEY_VARS)} is not; "
-                    "set both or neither (anonymous access)"
-                )
-        if secret is not None:
-            values["secret_key"] = secret[1]
-            if access is None:
-                raise ConfigError(
-                    f"{secret[0]} is set but {' / '.join(ACCESS_KEY_VARS)} is not; "
-                    "set both or neither (anonymous access)"
-                )
+        credentials = env_credentials(env)
+        if credentials is not None:
+            values["access_key"], values["secret_key"] = credentials
         if env.get("AWS_SESSION_TOKEN"):
             values["session_token"] = env["AWS_SESSION_TOKEN"]
         region = _first(env, REGION_VARS)
@@ -180,12 +168,13 @@ class S3Settings:
                     values[name] = parse(raw)
                 except ValueError:
                     raise ConfigError(f"{var}={raw!r}: expected a {parse.__name__}") from None
+                _check_value(name, values[name], var)
 
         for name in ("region", "timeout", "retries", "part_size", "workers"):
             value = getattr(params, name)
             if value is not None:
+                _check_value(name, value, f"{where}.{name}")
                 values[name] = value
-        _check_ranges_dict(values, where)
         return cls(**values)
 
     @classmethod
@@ -206,6 +195,31 @@ class S3Settings:
         out.pop("session_token")
         out["url"] = self.url
         return out
+
+
+def env_credentials(env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(access key, secret key) from the environment, None if neither is set.
+
+    One without the other is a ConfigError: silently falling back to anonymous access would
+    turn a typo in a variable name into a confusing "access denied" much later.
+    """
+    env = os.environ if env is None else env
+    access = _first(env, ACCESS_KEY_VARS)
+    secret = _first(env, SECRET_KEY_VARS)
+    if access is None and secret is None:
+        return None
+    if secret is None:
+        assert access is not None
+        raise ConfigError(
+            f"{access[0]} is set but {' / '.join(SECRET_KEY_VARS)} is not; "
+            "set both or neither (anonymous access)"
+        )
+    if access is None:
+        raise ConfigError(
+            f"{secret[0]} is set but {' / '.join(ACCESS_KEY_VARS)} is not; "
+            "set both or neither (anonymous access)"
+        )
+    return access[1], secret[1]
 
 
 def parse_endpoint(text: str, where: str) -> tuple[str, bool | None]:
@@ -283,26 +297,23 @@ def _agree(from_scheme: bool | None, explicit: bool | None, where: str) -> bool 
     return from_scheme if from_scheme is not None else explicit
 
 
-def _check_ranges_dict(values: Mapping[str, Any], where: str) -> None:
-    checks = (
-        ("timeout", lambda v: v > 0, "must be > 0 seconds"),
-        ("retries", lambda v: v >= 0, "must be >= 0"),
-        (
-            "part_size",
-            lambda v: MIN_PART_SIZE <= v <= MAX_PART_SIZE,
-            f"must be between {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB) bytes",
-        ),
-        ("workers", lambda v: v >= 1, "must be >= 1"),
-    )
-    for name, ok, why in checks:
-        if name in values and not ok(values[name]):
-            raise ConfigError(f"{where}.{name}={values[name]!r}: {why}")
+_LIMITS: dict[str, tuple[Any, str]] = {
+    "timeout": (lambda v: v > 0, "must be > 0 seconds"),
+    "retries": (lambda v: v >= 0, "must be >= 0"),
+    "part_size": (
+        lambda v: MIN_PART_SIZE <= v <= MAX_PART_SIZE,
+        f"must be between {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB) bytes",
+    ),
+    "workers": (lambda v: v >= 1, "must be >= 1"),
+}
 
 
-def _check_ranges(settings: S3Settings, where: str) -> None:
-    _check_ranges_dict(
-        {n: getattr(settings, n) for n in ("timeout", "retries", "part_size", "workers")}, where
-    )
+def _check_value(name: str, value: Any, label: str) -> None:
+    """Raise ConfigError naming ``label`` (env var or params key) if ``value`` is out of range."""
+    if name in _LIMITS:
+        ok, why = _LIMITS[name]
+        if not ok(value):
+            raise ConfigError(f"{label}={value!r}: {why}")
 
 
 def _mask(access_key: str) -> str:

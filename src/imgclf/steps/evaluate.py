@@ -1,0 +1,314 @@
+"""EVALUATE step: score a trained model on the test split and decide whether it may ship.
+
+The gate has two parts. An absolute floor (``evaluate.min_accuracy``) and a comparison with
+the production champion of the registry. The champion is re-evaluated on the *current* test
+split whenever its classes match, because accuracies measured on different test sets are not
+comparable (a harder new test split would otherwise block every challenger, an easier one
+would wave a regression through). Only when that is impossible (other classes, missing
+model) is the champion's recorded accuracy used. Every decision is explained in ``reasons``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from imgclf import config as config_mod
+from imgclf.config import EvaluateConfig, RegistryConfig
+from imgclf.data import ManifestDataset, make_loader, read_dataset_info
+from imgclf.errors import DataError, ImgclfError, RegistryError, StorageError
+from imgclf.fsutil import atomic_dir, write_json, write_text
+from imgclf.storage import is_remote, open_store
+
+log = logging.getLogger(__name__)
+
+# Accuracies are fractions of whole images; this only absorbs float rounding in the subtraction.
+_EPS = 1e-9
+
+
+def _json_key(store: Any, key: str) -> Any:
+    import json
+
+    try:
+        return json.loads(store.read_bytes(key))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{store.uri}/{key}: not valid JSON: {exc}") from None
+
+
+def find_champion(
+    registry: RegistryConfig, *, download_dir: Path | None = None
+) -> tuple[int, Path | None, dict[str, Any]] | None:
+    """The version behind ``registry.alias``: ``(version, model dir or None, its metrics.json)``.
+
+    None when the alias does not exist yet (first deployment). The model dir is the registry's
+    own folder for a local store; for a remote one it is downloaded into ``download_dir`` (a
+    new temp dir, owned by the caller, when not given). It is None when the version has no
+    ``model/model.json``. An alias pointing at a version without ``READY`` is a RegistryError:
+    the registry is inconsistent and the gate must not guess.
+    """
+    store = open_store(registry.uri)
+    base = f"models/{registry.model_name}"
+    alias_key = f"{base}/aliases/{registry.alias}.json"
+    if not store.exists(alias_key):
+        return None
+    doc = _json_key(store, alias_key)
+    try:
+        version = int(doc["version"])
+    except (KeyError, TypeError, ValueError):
+        raise RegistryError(f"{store.uri}/{alias_key}: expected {{'version': N}}") from None
+    prefix = f"{base}/{version}"
+    if not store.exists(f"{prefix}/READY"):
+        raise RegistryError(
+            f"{store.uri}/{alias_key} points at version {version}, which has no READY marker"
+        )
+    metrics = (
+        _json_key(store, f"{prefix}/metrics.json") if store.exists(f"{prefix}/metrics.json") else {}
+    )
+    if not store.exists(f"{prefix}/model/model.json"):
+        return version, None, metrics
+    if not is_remote(registry.uri):
+        return version, Path(registry.uri) / prefix / "model", metrics
+    target = Path(download_dir or tempfile.mkdtemp(prefix="imgclf-champion-")) / f"v{version}"
+    store.download_tree(f"{prefix}/model", target)
+    return version, target, metrics
+
+
+def _score(
+    model_dir: Path, dataset_dir: Path, cfg: EvaluateConfig, device: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate a model dir on the test split: (engine metrics with outputs, model.json)."""
+    from imgclf import engine
+    from imgclf.models import load_model_dir
+    from imgclf.presets import ClassificationPresetEval
+
+    model, meta = load_model_dir(model_dir)
+    transform = ClassificationPresetEval(
+        size=tuple(meta["input_size"][1:]), mean=meta["mean"], std=meta["std"]
+    )
+    dataset = ManifestDataset(dataset_dir, "test", transform)
+    if len(dataset) == 0:
+        raise DataError(f"{dataset_dir}/manifest.csv: no usable images in split 'test'")
+    loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False)
+    amp_dtype, _ = engine.amp_settings(device)
+    model = engine.prepare_model(model, device)
+    result = engine.evaluate(
+        model, loader, device, top_k=cfg.top_k, amp_dtype=amp_dtype, keep_outputs=True
+    )
+    return result, meta
+
+
+def _per_class(classes: list[str], targets: list[int], predictions: list[int]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predictions, labels=labels, zero_division=0
+    )
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    }
+    return {
+        "per_class": per_class,
+        "macro_f1": float(
+            f1_score(targets, predictions, labels=labels, average="macro", zero_division=0)
+        ),
+        "matrix": confusion_matrix(targets, predictions, labels=labels).tolist(),
+    }
+
+
+def _champion_accuracy(
+    champion: tuple[int, Path | None, dict[str, Any]],
+    classes: list[str],
+    dataset_dir: Path,
+    cfg: EvaluateConfig,
+    device: Any,
+) -> tuple[float | None, str]:
+    """(accuracy, how it was obtained) for the champion; accuracy None when unknown."""
+    _, model_dir, recorded = champion
+    why_not = "its model is missing from the registry"
+    if model_dir is not None:
+        try:
+            from imgclf.fsutil import read_json
+
+            champion_classes = read_json(model_dir / "model.json").get("classes")
+            if champion_classes == classes:
+                result, _ = _score(model_dir, dataset_dir, cfg, device)
+                return float(result["accuracy"]), "re-evaluated on the current test split"
+            why_not = "its classes differ from the current dataset's"
+        except (ImgclfError, OSError, ValueError, KeyError) as exc:
+            why_not = f"it could not be re-evaluated ({exc})"
+    if isinstance(recorded.get("accuracy"), int | float):
+        return float(recorded["accuracy"]), f"recorded metrics.json accuracy ({why_not})"
+    return None, f"no recorded accuracy either ({why_not})"
+
+
+def _gate(
+    accuracy: float,
+    cfg: EvaluateConfig,
+    champion: dict[str, Any] | None,
+) -> tuple[bool, list[str]]:
+    reasons = []
+    passed = accuracy + _EPS >= cfg.min_accuracy
+    relation = ">=" if passed else "<"
+    reasons.append(f"accuracy {accuracy:.4f} {relation} min_accuracy {cfg.min_accuracy:.4f}")
+    if champion is None:
+        reasons.append("no production champion in the registry: nothing to compare against")
+        return passed, reasons
+    version, champ_acc, source = champion["version"], champion["accuracy"], champion["source"]
+    if champ_acc is None:
+        reasons.append(f"champion v{version} cannot be compared: {source}; failing closed")
+        return False, reasons
+    floor = champ_acc - cfg.max_regression
+    ok = accuracy + _EPS >= floor
+    reasons.append(
+        f"accuracy {accuracy:.4f} {'>=' if ok else '<'} champion v{version} {champ_acc:.4f} "
+        f"- max_regression {cfg.max_regression:.4f} = {floor:.4f} (champion {source})"
+    )
+    return passed and ok, reasons
+
+
+def run(
+    cfg: EvaluateConfig,
+    registry: RegistryConfig,
+    *,
+    dataset_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on the test split of ``dataset_dir``; write the evaluation dir.
+
+    Returns the ``metrics.json`` content; ``passed`` is the gate decision. A failed gate is
+    a result, not an error: deploy reads ``passed`` and refuses to promote.
+    """
+    from imgclf import engine
+
+    dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
+    device = engine.select_device("auto")
+    info = read_dataset_info(dataset_dir)
+    result, meta = _score(model_dir, dataset_dir, cfg, device)
+    classes = list(meta["classes"])
+    if classes != list(info["classes"]):
+        raise DataError(
+            f"{model_dir}/model.json classes {classes} differ from "
+            f"{dataset_dir}/dataset.json classes {info['classes']}: evaluate on the dataset "
+            "the model was trained for"
+        )
+    breakdown = _per_class(classes, result["targets"], result["predictions"])
+    with tempfile.TemporaryDirectory(prefix="imgclf-champion-") as tmp:
+        try:
+            found = find_champion(registry, download_dir=Path(tmp))
+        except StorageError as exc:
+            raise RegistryError(
+                f"registry {registry.uri}: cannot look up the champion: {exc}"
+            ) from None
+        champion = None
+        if found is not None:
+            accuracy, source = _champion_accuracy(found, classes, dataset_dir, cfg, device)
+            champion = {"version": found[0], "accuracy": accuracy, "source": source}
+    passed, reasons = _gate(result["accuracy"], cfg, champion)
+    metrics = {
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "top_k": result["top_k"],
+        "top_k_accuracy": result["top_k_accuracy"],
+        "per_class": breakdown["per_class"],
+        "macro_f1": breakdown["macro_f1"],
+        "num_images": result["images"],
+        "passed": passed,
+        "reasons": reasons,
+        "champion": champion,
+        "model": {
+            "architecture": meta["architecture"],
+            "dataset_hash": meta.get("dataset_hash", ""),
+            "git_commit": meta.get("git_commit", "unknown"),
+        },
+        "dataset_hash": info.get("hash", ""),
+    }
+    for reason in reasons:
+        log.info("gate: %s", reason)
+    _write_eval_dir(
+        Path(out_dir), metrics, breakdown["matrix"], result, classes, meta, model_dir, cfg, registry
+    )
+    return metrics
+
+
+def _write_eval_dir(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    matrix: list[list[int]],
+    result: dict[str, Any],
+    classes: list[str],
+    meta: dict[str, Any],
+    model_dir: Path,
+    cfg: EvaluateConfig,
+    registry: RegistryConfig,
+) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(
+        (classes[t], classes[p])
+        for t, p in zip(result["targets"], result["predictions"], strict=True)
+    )
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        write_text(tmp / "confusion.csv", buf.getvalue())
+        write_json(tmp / "confusion_matrix.json", {"classes": classes, "matrix": matrix})
+        write_text(tmp / "model_card.md", model_card(metrics, meta))
+        if (model_dir / "history.csv").is_file():
+            shutil.copyfile(model_dir / "history.csv", tmp / "history.csv")
+        write_json(
+            tmp / "config.json",
+            {"evaluate": config_mod.to_dict(cfg), "registry": config_mod.to_dict(registry)},
+        )
+
+
+def model_card(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
+    """A short markdown model card: what the model is, what it was tested on, the gate."""
+    pretrained = meta.get("params", {}).get("pretrained", "none")
+    classes = ", ".join(f"`{c}`" for c in meta["classes"])
+    size = "x".join(str(d) for d in meta["input_size"])
+    lines = [
+        f"# Model card: {meta['architecture']}",
+        "",
+        "## Model",
+        "",
+        f"- architecture: `{meta['architecture']}`, pretrained `{pretrained}`",
+        f"- classes ({meta['num_classes']}): {classes}",
+        f"- input: {size}, mean {meta['mean']}, std {meta['std']}",
+        f"- trained on dataset `{meta.get('dataset_hash', '')}`",
+        f"- code commit `{meta.get('git_commit', 'unknown')}`",
+        f"- created {meta.get('created_at', '')} with torch {meta.get('torch_version', '')}",
+        "",
+        f"## Test metrics (dataset `{metrics['dataset_hash']}`, {metrics['num_images']} images)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {metrics['accuracy']:.4f} |",
+        f"| top-{metrics['top_k']} accuracy | {metrics['top_k_accuracy']:.4f} |",
+        f"| loss | {metrics['loss']:.4f} |",
+        f"| macro F1 | {metrics['macro_f1']:.4f} |",
+        "",
+        "## Per class",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+        for name, m in metrics["per_class"].items()
+    ]
+    lines += ["", f"## Gate: {'PASSED' if metrics['passed'] else 'FAILED'}", ""]
+    lines += [f"- {reason}" for reason in metrics["reasons"]]
+    return "\n".join(lines) + "\n"

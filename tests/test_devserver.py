@@ -1,0 +1,206 @@
+"""The SeaweedFS launcher and ``imgclf dev s3``, each test with its own real server process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from imgclf.devserver import SeaweedServer, free_ports, running_s3_server
+from imgclf.errors import ConfigError, StorageError
+from imgclf.storage.s3 import S3Store
+from imgclf.storage.s3config import ACCESS_KEY_VARS, ENDPOINT_VARS, SECRET_KEY_VARS, S3Settings
+
+pytestmark = pytest.mark.s3
+
+SECRET = "dev-secret-from-env-0123456789abcdefghij"
+
+
+def alive(pid: int) -> bool:
+    """True if a process with ``pid`` exists (our children are reaped, so no zombies)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def listeners(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hexport = local.partition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_lifecycle_loopback_only_and_clean_stop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_s3_server(data) as info:
+        assert info.endpoint == f"http://127.0.0.1:{info.ports['s3']}"
+        assert len(set(info.ports.values())) == len(info.ports) == 8
+        assert 0 < info.startup_seconds < 60
+        assert alive(info.pid)
+        for name, port in info.ports.items():
+            assert listeners(port) == {"0100007F"}, f"{name} port {port} not loopback-only"
+        credentials = data / "s3-identities.json"
+        assert credentials.stat().st_mode & 0o777 == 0o600
+        assert info.secret_key not in repr(info)
+
+        store = S3Store("lifecycle", "", info.settings())
+        store.write_bytes("k.txt", b"v")
+        assert store.read_bytes("k.txt") == b"v"
+    assert not alive(info.pid)
+    assert not credentials.exists()
+    for port in info.ports.values():
+        assert not list(Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"))
+        assert listeners(port) == set()
+
+
+def test_restart_and_crash_keep_endpoint_credentials_and_data(tmp_path: Path) -> None:
+    server = SeaweedServer(tmp_path / "data")
+    with server as first:
+        settings = first.settings(timeout=2.0)
+        S3Store("keep", "", settings).write_bytes("model.bin", b"weights")
+
+        second = server.restart()
+        assert (second.endpoint, second.access_key) == (first.endpoint, first.access_key)
+        assert second.pid != first.pid and not alive(first.pid)
+        assert S3Store("keep", "", settings).read_bytes("model.bin") == b"weights"
+
+        server.kill()
+        assert not server.running and not alive(second.pid)
+        with pytest.raises(StorageError, match="cannot connect"):
+            S3Store("keep", "", settings).read_bytes("model.bin")
+        with server.stopped():
+            assert not server.running
+        assert server.running
+        assert S3Store("keep", "", settings).read_bytes("model.bin") == b"weights"
+    assert server.pid is None
+
+
+def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is already in use"):
+            SeaweedServer(tmp_path / "data", port).start()
+
+
+def test_startup_timeout_shows_log_and_leaves_no_process(tmp_path: Path) -> None:
+    server = SeaweedServer(tmp_path / "data", startup_timeout=0.2)
+    with pytest.raises(StorageError, match=r"did not answer within 0.2s") as err:
+        server.start()
+    message = str(err.value)
+    assert str(server.log_path) in message
+    assert re.search(r"^[IWE]\d{4} \d\d:\d\d:\d\d", message, re.M), "no weed log lines"
+    assert server.pid is None
+    data_dir = str(tmp_path / "data")
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert data_dir not in cmdline.read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+
+
+def test_missing_weed_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IMGCLF_WEED", str(tmp_path / "no-weed"))
+    with pytest.raises(ConfigError, match=r"IMGCLF_WEED.*not an executable"):
+        SeaweedServer(tmp_path / "data").start()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (*ENDPOINT_VARS, *ACCESS_KEY_VARS, *SECRET_KEY_VARS)
+    }
+    env.update(extra)
+    return env
+
+
+def _start_cli(
+    tmp_path: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], str, int, queue.Queue[str]]:
+    """Run ``imgclf dev s3`` until it says it is ready: (process, output, port, later lines)."""
+    (port,) = free_ports(1)
+    data_dir = str(tmp_path / "s3data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imgclf", "dev", "s3", "--port", str(port), "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    output = ""
+    deadline = time.monotonic() + 90
+    while "Press Ctrl-C" not in output:
+        try:
+            output += lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"imgclf dev s3 did not get ready:\n{output}")
+    return proc, output, port, lines
+
+
+def _drain(lines: queue.Queue[str]) -> str:
+    out = ""
+    while not lines.empty():
+        out += lines.get()
+    return out
+
+
+def _exports(output: str) -> dict[str, str]:
+    return dict(re.findall(r"export (\w+)=(\S+)", output))
+
+
+def test_cli_prints_working_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc, output, port, _ = _start_cli(tmp_path, _clean_env())
+    weed_pid = int(re.search(r"\(pid (\d+)", output).group(1))  # type: ignore[union-attr]
+    try:
+        exports = _exports(output)
+        assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+        assert exports["AWS_SECRET_ACCESS_KEY"] in output  # generated keys are shown once
+        assert re.search(r"ready in \d+\.\ds", output)
+        store = S3Store("cli", "", S3Settings.from_env(exports))
+        store.write_bytes("hello.txt", b"hi")
+        assert store.read_bytes("hello.txt") == b"hi"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not alive(weed_pid)
+
+
+def test_cli_uses_env_credentials_hides_secret_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    env = _clean_env(AWS_ACCESS_KEY_ID="IMGCLFDEVFROMENV0001", AWS_SECRET_ACCESS_KEY=SECRET)
+    proc, output, _, lines = _start_cli(tmp_path, env)
+    weed_pid = int(re.search(r"\(pid (\d+)", output).group(1))  # type: ignore[union-attr]
+    try:
+        assert SECRET not in output
+        exports = _exports(output)
+        assert exports["AWS_ACCESS_KEY_ID"] == "IMGCLFDEVFROMENV0001"
+        assert "AWS_SECRET_ACCESS_KEY" not in exports
+        settings = S3Settings.from_env({**exports, "AWS_SECRET_ACCESS_KEY": SECRET})
+        S3Store("cli-env", "", settings).write_bytes("k", b"v")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    time.sleep(0.1)  # let the reader thread pick up the last lines
+    assert proc.returncode == 0, _drain(lines)
+    assert not alive(weed_pid)
