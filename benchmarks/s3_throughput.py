@@ -72,7 +72,8 @@ def s3_settings(args: argparse.Namespace, workdir: Path) -> Iterator[S3Settings]
     if args.use_env:
         yield dataclasses.replace(S3Settings.load(), **tuning)
         return
-    with SeaweedServer(workdir / "seaweedfs") as info:
+    # volumes of 1 GiB (created sparse): no volume growth in the middle of a measurement
+    with SeaweedServer(workdir / "seaweedfs", volume_size_limit_mb=1024) as info:
         print(f"SeaweedFS {info.endpoint} started in {info.startup_seconds:.1f}s", flush=True)
         yield info.settings(**tuning)
 
@@ -145,8 +146,8 @@ def measure(
             )
             if got != sorted(rels):
                 raise SystemExit(f"{name}: {side} download is incomplete ({len(got)} files)")
-        store.delete(f"sdk/{tag}", recursive=True)
-        store.delete(f"store/{tag}", recursive=True)
+        # objects stay until the end: deleting them now would make the server reclaim
+        # chunks in the background while the next repetition is being measured
         for side in ("sdk", "store"):
             for p in (down / side).rglob("*"):
                 if p.is_file():

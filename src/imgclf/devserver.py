@@ -200,6 +200,7 @@ class SeaweedServer:
         access_key: str | None = None,
         secret_key: str | None = None,
         startup_timeout: float = 60.0,
+        volume_size_limit_mb: int = VOLUME_SIZE_LIMIT_MB,
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ConfigError("give both access_key and secret_key, or neither")
@@ -209,6 +210,7 @@ class SeaweedServer:
         self.access_key = access_key
         self.secret_key = secret_key
         self.startup_timeout = startup_timeout
+        self.volume_size_limit_mb = volume_size_limit_mb
         self.log_path = self.data_dir / _LOG_FILE
         self._requested_port = port
         self._ports: dict[str, int] | None = None
@@ -261,7 +263,7 @@ class SeaweedServer:
             f"-dir={store_dir}",
             f"-master.port={ports['master']}",
             f"-master.port.grpc={ports['master_grpc']}",
-            f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}",
+            f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
             "-master.telemetry=false",
             "-master.peers=none",  # single master: no Raft quorum wait at (re)start
             f"-volume.port={ports['volume']}",
@@ -310,7 +312,7 @@ class SeaweedServer:
         )
         return self._info
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         """Stop by pid: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent.
 
         weed's filer waits 15 s for its gRPC streams to drain on SIGTERM before it gives up,

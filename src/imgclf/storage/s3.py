@@ -357,11 +357,14 @@ class S3Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Create or replace one object atomically (a single PUT, or one completed multipart)."""
+        self._put_bytes("write", key, data)
+
+    def _put_bytes(self, action: str, key: str, data: bytes) -> None:
         name = self._require_name(key)
         self.ensure_bucket()
         metadata: dict[str, Any] = {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
         self._call(
-            "write",
+            action,
             key,
             lambda: self.client.put_object(
                 self.bucket,
@@ -396,7 +399,7 @@ class S3Store:
                 data = path.read_bytes()
             except OSError as exc:
                 raise StorageError(f"{path}: cannot read it for upload: {exc}") from None
-            self.write_bytes(key, data)
+            self._put_bytes("upload", key, data)
             return
         name = self._require_name(key)
         self.ensure_bucket()
