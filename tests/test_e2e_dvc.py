@@ -21,8 +21,20 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 _SKIP = shutil.ignore_patterns(
-    ".git", ".venv", "out", "registry", "data", "cache", "tmp", "dvc_plots", "dvc.lock",
-    "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".s3data",
+    ".git",
+    ".venv",
+    "out",
+    "registry",
+    "data",
+    "cache",
+    "tmp",
+    "dvc_plots",
+    "dvc.lock",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".s3data",
 )
 TINY_TRAIN = {"model": "simple_cnn", "epochs": 2, "max_steps_per_epoch": 4, "image_size": 16}
 

@@ -137,7 +137,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1]
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is not None and issubclass(origin, Mapping) or hint is Mapping:
+    if (origin is not None and issubclass(origin, Mapping)) or hint is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)

@@ -8,7 +8,6 @@ then *prove* it is the versioned dataset by letting DVC compare it with ``data.d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -152,6 +152,20 @@ def count_steps(loader: Sized, max_steps: int) -> int:
     return min(len(loader), max_steps) if max_steps > 0 else len(loader)
 
 
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward and step, through the fp16 GradScaler when one is in use (CUDA fp16 only)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -186,14 +200,7 @@ def train_one_epoch(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(images)
                 loss = criterion(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(loss, optimizer, scaler)
             if scheduler is not None:
                 scheduler.step()
             batch = targets.shape[0]
@@ -325,14 +332,7 @@ def lr_range_test(
         images, targets = _to_device(*next(batches), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         value = loss.item()  # needed every step: the stopping rule depends on it
         if not math.isfinite(value):
             break

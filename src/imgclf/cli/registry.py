@@ -29,13 +29,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _settings(args: argparse.Namespace) -> config.RegistryConfig:
-    overrides = {"uri": args.registry} if args.registry else {}
+def registry_settings(args: argparse.Namespace) -> config.RegistryConfig:
+    """The ``registry`` section of ``--params``, with ``--registry`` overriding its uri."""
+    overrides = {"uri": args.registry} if getattr(args, "registry", None) else {}
     return config.load_section(config.RegistryConfig, "registry", args.params, overrides)
 
 
 def _open(args: argparse.Namespace) -> tuple[config.RegistryConfig, ModelRegistry]:
-    settings = _settings(args)
+    settings = registry_settings(args)
     return settings, ModelRegistry.open(settings.uri)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config
+from imgclf.cli.registry import registry_settings
 from imgclf.storage.staging import local_input, local_output
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,6 @@ def _load(cls: type, section: str, args: argparse.Namespace, **extra: Any) -> An
     overrides = dict(config.parse_override(o) for o in args.overrides)
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return config.load_section(cls, section, args.params, overrides)
-
-
-def _registry(args: argparse.Namespace) -> config.RegistryConfig:
-    extra = {"uri": args.registry} if getattr(args, "registry", None) else {}
-    return config.load_section(config.RegistryConfig, "registry", args.params, extra)
 
 
 def _print_summary(summary: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -103,7 +99,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         local_input(args.model) as model,
         local_output(args.out) as out,
     ):
-        metrics = evaluate.run(cfg, _registry(args), dataset_dir=ds, model_dir=model, out_dir=out)
+        metrics = evaluate.run(
+            cfg, registry_settings(args), dataset_dir=ds, model_dir=model, out_dir=out
+        )
     _print_summary(metrics, ("accuracy", "loss", "macro_f1", "passed", "reasons", "champion"))
     return 0
 
@@ -117,7 +115,7 @@ def _deploy(args: argparse.Namespace) -> int:
         local_input(args.eval) as ev,
         local_output(args.out) as out,
     ):
-        result = deploy.run(cfg, _registry(args), model_dir=model, eval_dir=ev, out_dir=out)
+        result = deploy.run(cfg, registry_settings(args), model_dir=model, eval_dir=ev, out_dir=out)
     _print_summary(result, ("promoted", "model_name", "version", "alias", "reasons"))
     return 0
 
