@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,16 +144,81 @@ def _progress_printer() -> Callable[[kc.RunInfo, float], None]:
     return show
 
 
+def _task_printer(out: Any) -> Callable[[kc.TaskEvent], None]:
+    """One line per task start, end or skip, written to ``out`` (the real stdout)."""
+    width = max(len(t) for t in kc.TRAINING_TASKS)
+
+    def show(event: kc.TaskEvent) -> None:
+        label = f"[{event.task}]".ljust(width + 2)
+        if event.state == "RUNNING":
+            text = "running"
+        elif event.state == "SKIPPED":
+            text = f"skipped ({event.reason})" if event.reason else "skipped"
+        elif event.seconds is not None:
+            text = f"{event.state} in {event.seconds:.1f}s"
+        else:
+            text = event.state
+        out.write(f"{label} {text}\n")
+        out.flush()
+
+    return show
+
+
+def _print_training_summary(result: dict[str, Any]) -> None:
+    summary = result["summary"]
+    params = result["inputs"]
+    print(
+        f"local run of {result['pipeline']} SUCCEEDED in {result['seconds']:.0f}s; "
+        f"outputs under {summary['run_dir']}"
+    )
+    if summary["retrain"] is False:
+        print(f"{summary['reason']}")
+        print("train, evaluate and deploy were skipped; pass --param force=true to retrain anyway")
+    elif summary["reason"]:
+        print(f"  retrain:        {summary['reason']}")
+    if summary["accuracy"] is not None:
+        loss = f" (loss {summary['loss']:.4f})" if summary["loss"] is not None else ""
+        print(f"  test accuracy:  {summary['accuracy']:.4f}{loss}")
+    if summary["passed"] is not None:
+        verdict = "passed" if summary["passed"] else "FAILED (not deployed)"
+        print(f"  quality gate:   {verdict}")
+        for reason in summary["gate_reasons"]:
+            print(f"    {reason}")
+    if summary["version"] is not None:
+        alias = f"{params.get('model_name')} {params.get('registry_alias')}"
+        state = "promoted" if summary["promoted"] else "not promoted"
+        version = summary["version"] or "none"
+        print(f"  registry:       {alias} -> version {version} ({state})")
+    print(f"  registry uri:   {params.get('registry_uri')}")
+    for key, label in (
+        ("model", "model"),
+        ("evaluation", "evaluation"),
+        ("inference_service", "kserve yaml"),
+    ):
+        if summary[key]:
+            print(f"  {label + ':':<15} {summary[key]}")
+    print(f"  log:            {result['log']}")
+
+
 def _run_local(args: argparse.Namespace) -> int:
     if args.package or args.pipeline_id or args.version_id:
         raise ConfigError(
             "--local runs the pipeline function in this process; --package, --pipeline-id "
             "and --version-id only apply to runs on a KFP server"
         )
-    root = args.pipeline_root or str(kc.DEFAULT_LOCAL_ROOT)
-    result = kc.run_local(kc.training_pipeline(), args.params, pipeline_root=root)
-    print(f"local run of {result['pipeline']} SUCCEEDED; outputs under {result['pipeline_root']}")
-    print(json.dumps(result["outputs"], indent=2, sort_keys=True, default=str))
+    root = Path(args.pipeline_root or kc.DEFAULT_LOCAL_ROOT)
+    print(
+        f"running {kc.DEFAULT_PIPELINE_NAME} locally with kfp.local's SubprocessRunner; "
+        f"pipeline root {root.resolve()}",
+        flush=True,
+    )
+    result = kc.run_local_training(
+        args.params,
+        pipeline_root=root,
+        on_task=_task_printer(sys.stdout),
+        echo=sys.stdout if getattr(args, "verbose", False) else None,
+    )
+    _print_training_summary(result)
     return 0
 
 
@@ -311,7 +375,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--local",
         action="store_true",
         help="run the DAG here with kfp.local's SubprocessRunner (outputs under "
-        f"--pipeline-root, default {kc.DEFAULT_LOCAL_ROOT})",
+        f"--pipeline-root, default {kc.DEFAULT_LOCAL_ROOT}); source defaults to "
+        f"{kc.LOCAL_SOURCE} and registry_uri to {kc.DEFAULT_LOCAL_REGISTRY}; `imgclf -v` "
+        "streams the task logs",
     )
     p.set_defaults(func=_run)
 

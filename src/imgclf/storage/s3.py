@@ -104,7 +104,7 @@ def make_http_client(settings: S3Settings) -> urllib3.PoolManager:
     )
 
 
-def make_client(settings: S3Settings) -> Minio:
+def make_client(settings: S3Settings, http_client: urllib3.PoolManager | None = None) -> Minio:
     """A minio client for ``settings`` with the store's timeouts and retry policy."""
     return Minio(
         settings.endpoint,
@@ -113,7 +113,7 @@ def make_client(settings: S3Settings) -> Minio:
         session_token=settings.session_token,
         secure=settings.secure,
         region=settings.region,
-        http_client=make_http_client(settings),
+        http_client=http_client if http_client is not None else make_http_client(settings),
     )
 
 
@@ -141,7 +141,11 @@ class S3Store:
         self.bucket = bucket
         self.prefix = _join(prefix)
         self.settings = settings if settings is not None else S3Settings.load()
-        self.client = client if client is not None else make_client(self.settings)
+        self._http: urllib3.PoolManager | None = None
+        if client is None:
+            self._http = make_http_client(self.settings)
+            client = make_client(self.settings, self._http)
+        self.client = client
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._bucket_ready = False
         self._lock = threading.Lock()
@@ -162,7 +166,8 @@ class S3Store:
 
     def close(self) -> None:
         """Close pooled connections (the store stays usable; new ones are opened on demand)."""
-        self.client._http.clear()
+        if self._http is not None:
+            self._http.clear()
 
     # -- keys and errors ---------------------------------------------------------------
 
@@ -209,7 +214,8 @@ class S3Store:
         if isinstance(exc, NameResolutionError):
             return "cannot resolve the host name; check MINIO_ENDPOINT / AWS_ENDPOINT_URL"
         if isinstance(exc, NewConnectionError):
-            return "cannot connect (connection refused or host unreachable)"
+            # "<conn object>: Failed to establish a new connection: [Errno 111] Connection refused"
+            return f"cannot connect ({str(exc).rsplit(': ', 1)[-1]})"
         if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
             return f"no answer within {self.settings.timeout:g}s (IMGCLF_S3_TIMEOUT)"
         if isinstance(exc, SSLError):

@@ -1,0 +1,263 @@
+"""Each KFP component's Python function, called directly with KFP artifact objects.
+
+This is the depth between the step tests and a kfp.local run (STYLE rule 9): the adapter's
+own code (artifact paths in, typed outputs and metadata out) runs in this process on tiny
+data, so a wrong path, a missing metadata key or a mistyped return fails here with a plain
+traceback. Artifacts get local URIs under tmp_path; for those ``.path`` is the URI itself,
+as it is for kfp.local's pipeline root.
+
+No ``from __future__ import annotations``: the component modules are imported as KFP
+compiles them, and nothing here defines components.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from kfp import dsl
+
+from _tiny_dataset import pattern_image
+from components.check_retrain.component import check_retrain
+from components.deploy.component import deploy
+from components.evaluate.component import evaluate
+from components.ingest.component import ingest
+from components.train.component import train
+from components.validate.component import validate
+from imgclf.errors import ValidationFailed
+from imgclf.registry import ModelRegistry
+
+CLASSES = ("bar", "column", "diagonal")
+VALIDATE_ARGS: dict[str, Any] = {
+    "min_width": 8,
+    "max_width": 64,
+    "min_height": 8,
+    "max_height": 64,
+    "allowed_modes": ["L", "RGB"],
+    "min_images_per_class": 3,
+    "min_images_per_split": 6,
+    "max_duplicate_fraction": 0.0,
+    "max_imbalance_ratio": 10.0,
+    "imbalance_blocking": False,
+}
+REGISTRY_ARGS = {"model_name": "patterns", "registry_alias": "production"}
+
+
+def _artifact(cls: type, root: Path, task: str, name: str) -> Any:
+    """An output artifact as KFP's executor makes one: a URI under the task's folder."""
+    (root / task).mkdir(parents=True, exist_ok=True)
+    return cls(name=name, uri=str(root / task / name), metadata={})
+
+
+@dataclasses.dataclass
+class Chain:
+    """The outputs of ingest -> validate -> train -> evaluate, shared by the tests."""
+
+    root: Path
+    registry: str
+    dataset: dsl.Dataset
+    report: dsl.Artifact
+    data_docs: dsl.HTML
+    validate_metrics: dsl.Metrics
+    model: dsl.Model
+    train_metrics: dsl.Metrics
+    evaluation: dsl.Artifact
+    eval_metrics: dsl.Metrics
+    confusion: dsl.ClassificationMetrics
+    model_card: dsl.Markdown
+    evaluate_returned: Any
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    root = tmp_path_factory.mktemp("components")
+    rng = np.random.default_rng(5)
+    source = root / "raw"
+    for index, name in enumerate(CLASSES):
+        (source / name).mkdir(parents=True)
+        for n in range(20):
+            pattern_image(index, 16, rng).save(source / name / f"{n:03d}.png")
+
+    dataset = _artifact(dsl.Dataset, root, "ingest", "dataset")
+    ingest.python_func(
+        dataset=dataset,
+        source=str(source),
+        image_size=32,
+        split_train=0.6,
+        split_val=0.2,
+        split_test=0.2,
+        seed=1,
+        image_format="png",
+    )
+    report = _artifact(dsl.Artifact, root, "validate", "report")
+    data_docs = _artifact(dsl.HTML, root, "validate", "data_docs")
+    validate_metrics = _artifact(dsl.Metrics, root, "validate", "metrics")
+    validate.python_func(
+        dataset=dataset,
+        report=report,
+        data_docs=data_docs,
+        metrics=validate_metrics,
+        **VALIDATE_ARGS,
+    )
+    model = _artifact(dsl.Model, root, "train", "model")
+    train_metrics = _artifact(dsl.Metrics, root, "train", "metrics")
+    train.python_func(
+        dataset=dataset,
+        model=model,
+        metrics=train_metrics,
+        architecture="simple_cnn",
+        pretrained="none",
+        freeze_backbone=False,
+        image_size=16,
+        augment="none",
+        epochs=2,
+        batch_size=8,
+        optimizer="adamw",
+        lr=0.01,
+        backbone_lr=0.01,
+        weight_decay=0.0,
+        scheduler="onecycle",
+        patience=0,
+        seed=3,
+        device="cpu",
+        num_workers=0,
+        threads=1,
+        max_steps_per_epoch=3,
+    )
+    registry = str(root / "registry")
+    evaluation = _artifact(dsl.Artifact, root, "evaluate", "evaluation")
+    eval_metrics = _artifact(dsl.Metrics, root, "evaluate", "metrics")
+    confusion = _artifact(dsl.ClassificationMetrics, root, "evaluate", "confusion_matrix")
+    model_card = _artifact(dsl.Markdown, root, "evaluate", "model_card")
+    returned = evaluate.python_func(
+        dataset=dataset,
+        model=model,
+        evaluation=evaluation,
+        metrics=eval_metrics,
+        confusion_matrix=confusion,
+        model_card=model_card,
+        min_accuracy=0.0,
+        max_regression=1.0,
+        top_k=2,
+        batch_size=16,
+        registry_uri=registry,
+        **REGISTRY_ARGS,
+    )
+    return Chain(
+        root,
+        registry,
+        dataset,
+        report,
+        data_docs,
+        validate_metrics,
+        model,
+        train_metrics,
+        evaluation,
+        eval_metrics,
+        confusion,
+        model_card,
+        returned,
+    )
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_ingest_publishes_the_dataset_and_its_hash(chain: Chain) -> None:
+    summary = _json(Path(chain.dataset.path) / "dataset.json")
+    assert summary["classes"] == list(CLASSES)
+    meta = chain.dataset.metadata
+    assert meta["hash"] == summary["hash"]
+    assert meta["classes"] == list(CLASSES)
+    assert meta["num_images"] == 3 * 20 and meta["num_errors"] == 0
+    assert meta["counts"] == summary["counts"]
+    assert (Path(chain.dataset.path) / "manifest.csv").is_file()
+
+
+def test_validate_writes_report_docs_and_metrics(chain: Chain) -> None:
+    report = _json(Path(chain.report.path) / "report.json")
+    assert report["blocking_success"] is True
+    assert chain.report.metadata["blocking_success"] is True
+    assert chain.report.metadata["failed"] == [
+        e["name"] for e in report["expectations"] if not e["success"]
+    ]
+    page = Path(chain.data_docs.path).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("<iframe srcdoc=") >= 1
+    assert chain.validate_metrics.metadata["num_images"] == 60
+
+
+def test_validate_fails_the_task_on_a_blocking_expectation(chain: Chain, tmp_path: Path) -> None:
+    report = _artifact(dsl.Artifact, tmp_path, "validate", "report")
+    args = {**VALIDATE_ARGS, "min_images_per_class": 100}
+    with pytest.raises(ValidationFailed):
+        validate.python_func(
+            dataset=chain.dataset,
+            report=report,
+            data_docs=_artifact(dsl.HTML, tmp_path, "validate", "data_docs"),
+            metrics=_artifact(dsl.Metrics, tmp_path, "validate", "metrics"),
+            **args,
+        )
+    # The step writes its report before failing, so the UI can show why.
+    assert _json(Path(report.path) / "report.json")["blocking_success"] is False
+
+
+def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
+    model_dir = Path(chain.model.path)
+    for name in ("model.safetensors", "model.pt2", "model.json", "history.csv"):
+        assert (model_dir / name).is_file(), name
+    meta = chain.model.metadata
+    assert meta["framework"] == "pytorch" and meta["architecture"] == "simple_cnn"
+    assert meta["classes"] == list(CLASSES)
+    assert meta["dataset_hash"] == chain.dataset.metadata["hash"]
+    assert meta["input_size"] == _json(model_dir / "model.json")["input_size"]
+    assert chain.train_metrics.metadata["epochs_run"] == 2
+
+
+def test_evaluate_returns_the_gate_and_logs_metrics(chain: Chain) -> None:
+    passed, accuracy = chain.evaluate_returned
+    metrics = _json(Path(chain.evaluation.path) / "metrics.json")
+    assert passed is True and metrics["passed"] is True
+    assert accuracy == metrics["accuracy"]
+    assert chain.eval_metrics.metadata["accuracy"] == metrics["accuracy"]
+    assert chain.eval_metrics.metadata["loss"] == metrics["loss"]
+    assert chain.evaluation.metadata["champion"] is None
+    matrix = chain.confusion.metadata["confusionMatrix"]
+    assert [c["displayName"] for c in matrix["annotationSpecs"]] == list(CLASSES)
+    assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == metrics["num_images"]
+    card = Path(chain.model_card.path).read_text(encoding="utf-8")
+    assert card == (Path(chain.evaluation.path) / "model_card.md").read_text(encoding="utf-8")
+
+
+def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_path: Path) -> None:
+    args = {"dataset": chain.dataset, "registry_uri": chain.registry, **REGISTRY_ARGS}
+    should, reason = check_retrain.python_func(force=False, **args)
+    assert should is True and "training the first model" in reason
+
+    service = _artifact(dsl.Artifact, tmp_path, "deploy", "inference_service")
+    version, promoted = deploy.python_func(
+        model=chain.model,
+        evaluation=chain.evaluation,
+        inference_service=service,
+        namespace="imgclf",
+        service_account="imgclf-kserve",
+        serving_image="ghcr.io/imgclf/imgclf:0.1.0",
+        storage_uri_prefix="pvc://imgclf-models",
+        registry_uri=chain.registry,
+        **REGISTRY_ARGS,
+    )
+    assert (version, promoted) == (1, True)
+    assert ModelRegistry.open(chain.registry).alias("patterns", "production") == 1
+    manifest = yaml.safe_load(Path(service.path).read_text(encoding="utf-8"))
+    assert manifest["kind"] == "InferenceService"
+    assert manifest["metadata"]["namespace"] == "imgclf"
+    assert "pvc://imgclf-models/" in json.dumps(manifest)
+    assert service.metadata["version"] == 1 and service.metadata["promoted"] is True
+
+    should, reason = check_retrain.python_func(force=False, **args)
+    assert should is False and reason.startswith("nothing to retrain")
+    should, reason = check_retrain.python_func(force=True, **args)
+    assert should is True and "forced" in reason
