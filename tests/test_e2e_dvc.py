@@ -8,74 +8,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-_SKIP = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "out",
-    "registry",
-    "data",
-    "cache",
-    "tmp",
-    "dvc_plots",
-    "dvc.lock",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    ".s3data",
-)
-TINY_TRAIN = {"model": "simple_cnn", "epochs": 2, "max_steps_per_epoch": 4, "image_size": 16}
+from _repo_copy import clone_repo, sh
 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["IMGCLF_SKIP_DVC_PULL"] = "1"
-    for key in [k for k in env if k.startswith(("AWS_", "MINIO_"))]:
-        del env[key]
-    return env
-
-
-def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command like a user would, with the venv's tools on PATH."""
-    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
-
-
-def _clone(tmp_path: Path, *, min_accuracy: float) -> Path:
-    """A fresh checkout of the working tree, with tiny training params, committed in git."""
-    repo = tmp_path / "repo"
-    shutil.copytree(REPO, repo, ignore=_SKIP)
-    params_file = repo / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"].update(TINY_TRAIN)
-    params["evaluate"]["min_accuracy"] = min_accuracy
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
-    return repo
-
-
 def test_fresh_clone_demo_runs_and_second_repro_is_a_no_op(tmp_path: Path) -> None:
-    repo = _clone(tmp_path, min_accuracy=0.0)
+    repo = clone_repo(tmp_path, min_accuracy=0.0)
     ensured = sh(repo, "imgclf", "data", "ensure")
     assert "matches data.dvc" in ensured.stdout
     assert sh(repo, "git", "status", "--porcelain", "data.dvc").stdout == ""
@@ -117,7 +62,7 @@ def _jpeg_bytes(color: tuple[int, int, int]) -> bytes:
 
 
 def test_bad_dataset_stops_before_training_without_traceback(tmp_path: Path) -> None:
-    repo = _clone(tmp_path, min_accuracy=0.0)
+    repo = clone_repo(tmp_path, min_accuracy=0.0)
     data = repo / "data"
     for split, n in {"train": 12, "val": 6, "test": 6}.items():
         for label in ("cat", "fish"):

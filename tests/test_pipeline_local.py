@@ -190,15 +190,22 @@ def _gated(go: bool = True) -> None:
 def test_condition_on_a_named_output_runs_locally(tmp_path: Path, go: bool) -> None:
     """kfp.local alone skips such a branch always; run_local must follow the output."""
     events: list[kc.TaskEvent] = []
+    echo = io.StringIO()
     result = kc.run_local(
-        _gated, [f"go={str(go).lower()}"], pipeline_root=tmp_path, on_task=events.append
+        _gated,
+        [f"go={str(go).lower()}"],
+        pipeline_root=tmp_path,
+        on_task=events.append,
+        echo=echo,
     )
     run_dir = Path(result["run_dir"])
     assert (run_dir / "act" / "marker").is_file() is go
     finished = {(e.task, e.state) for e in events if e.state != "RUNNING"}
     expected = ("act", "SUCCEEDED") if go else ("act", "SKIPPED")
     assert finished == {("decide", "SUCCEEDED"), expected}
-    assert "Executing task 'decide'" in Path(result["log"]).read_text(encoding="utf-8")
+    log = Path(result["log"]).read_text(encoding="utf-8")
+    assert "Executing task 'decide'" in log
+    assert "Executing task \x1b[96m'decide'" in echo.getvalue()  # streamed as kfp prints it
 
 
 def test_failed_task_is_named_with_its_error(

@@ -1005,12 +1005,12 @@ def _capture_run_output(stream: _LocalRunLog) -> Iterator[None]:
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     try:
-        with contextlib.redirect_stdout(stream), warnings.catch_warnings():  # type: ignore[type-var]
+        with contextlib.redirect_stdout(stream), warnings.catch_warnings():
             # kfp.local warns that the tasks' image is not a Python image and that GPU and
             # CPU requests have no effect here; both are true of every local run, so they go
             # to the log instead of the terminal.
@@ -1135,10 +1135,10 @@ def _task_parameters(run_dir: Path, task: str) -> dict[str, Any] | None:
 def training_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """What a local training run decided, read from its outputs under ``run_dir``.
 
-    ``ran``: the tasks that ran (in DAG order); ``retrain`` and ``reason`` from
-    check-retrain; ``accuracy``, ``loss``, ``passed`` and ``gate_reasons`` from evaluate;
-    ``version`` and ``promoted`` from deploy; and the paths of the model, evaluation and
-    InferenceService outputs. A value is None when its task did not run.
+    ``retrain`` and ``reason`` from check-retrain; ``accuracy``, ``loss``, ``passed`` and
+    ``gate_reasons`` from evaluate; ``version`` and ``promoted`` from deploy; and the paths
+    of the model, evaluation and InferenceService outputs.
+    A value is None when its task did not run.
     """
     run = Path(run_dir)
     check = _task_parameters(run, "check-retrain") or {}
@@ -1153,7 +1153,6 @@ def training_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     return {
         "run_dir": str(run),
-        "ran": [t for t in TRAINING_TASKS if (run / t / "executor_output.json").is_file()],
         "retrain": check.get("should_retrain"),
         "reason": check.get("reason"),
         "accuracy": metrics.get("accuracy", evaluate.get("accuracy")),

@@ -3,8 +3,8 @@
 ``IngestConfig.source`` is a URI. Its scheme picks a :class:`Source` class from
 :data:`SOURCES`; the class knows how to put the images on local disk (generate, download,
 extract, or simply point at a directory). Everything after that, the layout scan and the
-ingest step, is the same for every source, so a new backend (``s3://`` arrives with the
-S3 issue) is one class plus one entry in :data:`SOURCES`.
+ingest step, is the same for every source, so a new backend is one class plus one entry in
+:data:`SOURCES`.
 
 Supported URIs:
 
@@ -12,7 +12,11 @@ Supported URIs:
 - a local directory in ImageFolder layout (``<class>/<image>``) or already split
   (``train|val|test/<class>/<image>``), also as ``file://`` URI;
 - a local ``.tar.gz``/``.tgz``/``.tar``/``.zip`` archive, or one at an ``http(s)://`` URL,
-  holding either layout, possibly wrapped in one top-level folder.
+  holding either layout, possibly wrapped in one top-level folder;
+- ``s3://bucket/prefix``: either layout under the prefix, or ``s3://bucket/path/data.tar.gz``
+  (``.zip``, ...), a single archive object extracted like a local one. Endpoint and
+  credentials come from :class:`~imgclf.storage.s3config.S3Settings` (environment, then
+  params.yaml's ``s3:`` section, then ``ingest.s3``); never from the URI.
 
 Archives are untrusted input: every member is checked before anything is extracted, and
 one bad member (absolute path, ``..``, a link leaving the target, a device file) refuses
@@ -41,8 +45,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from imgclf import __version__
+from imgclf.config import read_params
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir
+from imgclf.storage.s3config import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,8 @@ class SourceOptions:
 
     One object for all sources so the registry can build any of them the same way; each
     source reads only its own fields (``image_size`` for samples, ``timeout_s`` for HTTP,
-    ``s3`` for the S3 source to come).
+    ``s3`` for S3: non-secret :class:`~imgclf.storage.s3config.S3Params` keys that override
+    params.yaml's ``s3:`` section for ingest only).
     """
 
     image_size: int = 32
@@ -230,11 +237,93 @@ def _http_request(uri: str) -> urllib.request.Request:
     return urllib.request.Request(uri, headers=headers)
 
 
+class S3Source(Source):
+    """``s3://bucket/prefix``: an image tree under the prefix, or one archive object.
+
+    The prefix is read like a local directory (``<class>/<image>`` or
+    ``train|val|test/<class>/<image>``), downloaded in parallel with each object's stored
+    sha256 checked. A URI whose last segment ends in ``.tar.gz``/``.tgz``/``.tar``/``.zip``,
+    or one naming a single object with nothing below it, is an archive: downloaded, then
+    extracted with the same member checks as a local archive.
+    """
+
+    def materialize(self, dest_dir: Path) -> Path:
+        """Download the tree (or the archive, then extract it) into ``dest_dir``."""
+        from imgclf.errors import StorageError
+        from imgclf.storage.s3 import S3Store
+
+        bucket, key = self._location()
+        store = S3Store(bucket, "", self.settings())
+        dest_dir = Path(dest_dir)
+        try:
+            if archive_kind_from_name(key) is None:
+                if store.list(key):
+                    tree = dest_dir / "tree"
+                    store.download_tree(key, tree)
+                    return tree
+                if not key or not store.exists(key):
+                    raise DataError(
+                        f"ingest.source {self.label!r}: no objects under it at "
+                        f"{store.settings.url}; expected <class>/<image> keys or an archive"
+                    )
+            elif not store.exists(key):
+                raise DataError(
+                    f"ingest.source {self.label!r}: archive object not found at "
+                    f"{store.settings.url}"
+                )
+            download = dest_dir / "download.bin"
+            store.download_file(key, download)
+        except StorageError as exc:
+            raise StorageError(f"ingest.source {self.label!r}: {exc}") from None
+        kind = archive_kind(PurePosixPath(key).name, download)
+        if kind is None:
+            raise DataError(
+                f"ingest.source {self.label!r}: the object is neither a .tar.gz/.tgz/.tar/.zip "
+                "archive nor a prefix with <class>/<image> objects under it"
+            )
+        try:
+            return extract_archive(download, dest_dir / "extracted", kind=kind, label=self.label)
+        finally:
+            download.unlink(missing_ok=True)
+
+    def settings(self) -> S3Settings:
+        """Connection settings: environment, params.yaml ``s3:``, then ``ingest.s3``.
+
+        Credentials only ever come from the environment (S3Settings refuses them in params).
+        """
+        if not self.options.s3:
+            return S3Settings.load()
+        section = read_params().get("s3") or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError("params.yaml:s3: expected a mapping")
+        merged = {**section, **self.options.s3}
+        return S3Settings.from_env(overrides=merged, where="params.yaml:ingest.s3")
+
+    def _location(self) -> tuple[str, str]:
+        """(bucket, object key or prefix); credentials in the URI are refused, not echoed."""
+        parts = urllib.parse.urlsplit(self.uri)
+        if "@" in parts.netloc:
+            raise ConfigError(
+                f"ingest.source {self.label!r}: credentials do not belong in an S3 URI; set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(
+                f"ingest.source {self.label!r}: an S3 source is s3://bucket/prefix, without '?'"
+            )
+        if not parts.netloc:
+            raise ConfigError(
+                f"ingest.source {self.label!r}: no bucket (expected s3://bucket/prefix)"
+            )
+        return parts.netloc, parts.path.strip("/")
+
+
 SOURCES: dict[str, type[Source]] = {
     "sample": SampleSource,
     "file": LocalPathSource,
     "http": HttpSource,
     "https": HttpSource,
+    "s3": S3Source,
 }
 """URI scheme -> source class. A path without a scheme is a :class:`LocalPathSource`."""
 
@@ -361,12 +450,20 @@ def redact_uri(uri: str) -> str:
 # --- archives -------------------------------------------------------------------------------
 
 
-def archive_kind(name: str, path: Path) -> str | None:
-    """``"tar"``, ``"zip"`` or None, from the file name or, failing that, the content."""
+def archive_kind_from_name(name: str) -> str | None:
+    """``"tar"``, ``"zip"`` or None, from the file name's suffix alone."""
     lower = name.lower()
     for suffix, kind in _ARCHIVE_SUFFIXES.items():
         if lower.endswith(suffix):
             return kind
+    return None
+
+
+def archive_kind(name: str, path: Path) -> str | None:
+    """``"tar"``, ``"zip"`` or None, from the file name or, failing that, the content."""
+    kind = archive_kind_from_name(name)
+    if kind is not None:
+        return kind
     if zipfile.is_zipfile(path):
         return "zip"
     try:

@@ -157,6 +157,11 @@ class S3Store:
             bucket, prefix = split_uri(uri)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if "@" in bucket:  # s3://key:secret@bucket/...: say so without echoing the secret
+            raise ConfigError(
+                f"s3://{bucket.rpartition('@')[2]}/{prefix}: credentials do not belong in an S3 "
+                "URI; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment"
+            )
         if not bucket:
             raise ConfigError(f"{uri}: no bucket in the S3 URI (expected s3://bucket/prefix)")
         return cls(bucket, prefix, settings)
@@ -261,7 +266,9 @@ class S3Store:
                     now - first_failure + delay > self.settings.timeout
                 ):
                     raise self._error(action, key, exc, attempt + 1) from exc
-                log.warning(
+                # debug, not warning: the CLI's contract is one error line on stderr, and
+                # the final error already says how many attempts were made
+                log.debug(
                     "%s %s: %s; retry %d in %.2fs",
                     action,
                     self._where(key),
