@@ -47,6 +47,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60.0,
         help="seconds to wait for the server to answer (default: %(default)s)",
     )
+    s3.add_argument(
+        "--bucket",
+        dest="buckets",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="bucket to create at start if missing (repeatable; default: imgclf-dvc, the "
+        "DVC remote's bucket in .dvc/config)",
+    )
     s3.set_defaults(func=run_s3)
 
 
@@ -76,6 +85,11 @@ def run_s3(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         info = server.start()
+        from imgclf.storage.s3 import S3Store
+
+        buckets = args.buckets or ["imgclf-dvc"]
+        for bucket in buckets:
+            S3Store(bucket, settings=info.settings()).ensure_bucket()
         secret = "(from your environment)" if from_env else info.secret_key
         print(
             f"SeaweedFS S3 ready in {info.startup_seconds:.1f}s (pid {info.pid}, "
@@ -84,6 +98,7 @@ def run_s3(args: argparse.Namespace) -> int:
             f"  access key: {info.access_key}\n"
             f"  secret key: {secret}\n"
             f"  region:     {info.region}\n"
+            f"  buckets:    {', '.join(buckets)}\n"
             "Paste into the shell that runs imgclf / dvc:\n"
             + "\n".join(f"  {line}" for line in info.export_lines(hide_secret=from_env))
             + "\nPress Ctrl-C to stop.",

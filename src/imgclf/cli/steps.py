@@ -228,8 +228,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sample.set_defaults(func=_data_sample)
     ensure = dsub.add_parser(
         "ensure",
-        help="Make data/ match data.dvc: keep it if it matches, else `dvc pull`, else rebuild "
-        "it from the embedded sample when that reproduces data.dvc exactly.",
+        help="Make data/ match data.dvc: keep it if present (a changed one is reported, never "
+        "overwritten), else restore it from the DVC cache, else `dvc pull` (when the remote "
+        "has credentials and answers), else rebuild the embedded sample and prove it matches "
+        "data.dvc.",
     )
     ensure.add_argument("--dvc-file", default="data.dvc", help="default: %(default)s")
     ensure.add_argument("--sample", default="sample:digits", help="default: %(default)s")

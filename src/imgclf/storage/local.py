@@ -90,7 +90,9 @@ class LocalStore:
         keys = []
         for p in sorted(Path(local_dir).rglob("*")):
             if p.is_file():
-                key = "/".join(filter(None, [prefix.strip("/"), p.relative_to(local_dir).as_posix()]))
+                key = "/".join(
+                    filter(None, [prefix.strip("/"), p.relative_to(local_dir).as_posix()])
+                )
                 self.upload_file(p, key)
                 keys.append(key)
         return keys
