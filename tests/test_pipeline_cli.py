@@ -408,6 +408,24 @@ def test_schedule_create_sends_cron_concurrency_and_no_catchup(
     assert f"created recurring run 'imgclf-training-nightly': {rr['recurring_run_id']}" in out
 
 
+def test_schedule_without_action_is_create(
+    api: KfpApiDouble, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, _ = cli(capsys, "schedule", "--cron", "0 0 2 * * *", "--package", str(package))
+    assert code == 0
+    body = body_of(api, "POST", "/recurringruns")
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
+    assert body["max_concurrency"] == 1 and body["no_catchup"] is True
+
+
+def test_schedule_without_cron_or_action_sends_nothing(
+    api: KfpApiDouble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "schedule")
+    assert code == 2 and "needs --cron" in err
+    assert api.requests == []
+
+
 def test_schedule_create_from_uploaded_version(
     api: KfpApiDouble, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -253,6 +253,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _schedule_create(args: argparse.Namespace) -> int:
+    if not args.cron:
+        raise ConfigError(
+            'imgclf pipeline schedule needs --cron (6 fields, seconds first, e.g. "0 0 2 * * *") '
+            "or an action: create, enable, disable, delete, list"
+        )
     cron = kc.validate_cron(args.cron)
     start = kc.parse_timestamp(args.start, "--start") if args.start else None
     end = kc.parse_timestamp(args.end, "--end") if args.end else None
@@ -331,6 +336,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _schedule_create_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--cron",
+        required=required,
+        help='6 fields, seconds first: "0 0 2 * * *" is 02:00 every day',
+    )
+    p.add_argument("--name", default=f"{kc.DEFAULT_PIPELINE_NAME}-nightly")
+    p.add_argument("--start", help="first time it may fire (ISO 8601; naive means UTC)")
+    p.add_argument("--end", help="last time it may fire (ISO 8601; naive means UTC)")
+    _source_flags(p)
+    _param_flags(p)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``imgclf pipeline`` and its subcommands to the ``imgclf`` parser."""
     conn = _connection_flags()
@@ -381,23 +399,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run)
 
-    sched = cmds.add_parser("schedule", help="recurring runs (cron, seconds first)")
-    scmds = sched.add_subparsers(dest="schedule_command", metavar="<action>", required=True)
+    sched = cmds.add_parser(
+        "schedule",
+        parents=[conn],
+        help="recurring runs (cron, seconds first)",
+        description="`schedule --cron ...` is short for `schedule create --cron ...`.",
+    )
+    _schedule_create_flags(sched, required=False)
+    sched.set_defaults(func=_schedule_create)
+    scmds = sched.add_subparsers(dest="schedule_command", metavar="<action>", required=False)
     p = scmds.add_parser(
         "create",
         parents=[conn],
         help="create a recurring run: one run at a time, no catch-up",
     )
-    p.add_argument(
-        "--cron",
-        required=True,
-        help='6 fields, seconds first: "0 0 2 * * *" is 02:00 every day',
-    )
-    p.add_argument("--name", default=f"{kc.DEFAULT_PIPELINE_NAME}-nightly")
-    p.add_argument("--start", help="first time it may fire (ISO 8601; naive means UTC)")
-    p.add_argument("--end", help="last time it may fire (ISO 8601; naive means UTC)")
-    _source_flags(p)
-    _param_flags(p)
+    _schedule_create_flags(p, required=True)
     p.set_defaults(func=_schedule_create)
     for action, func, text in (
         ("enable", _schedule_toggle, "enable a recurring run"),
