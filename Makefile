@@ -24,6 +24,7 @@ demo: install
 	imgclf data ensure
 	dvc repro
 	dvc metrics show
+	dvc plots show
 	imgclf registry list
 
 test: install
