@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import kfp_client as kc
+from imgclf.cli.output import format_table
 from imgclf.errors import ConfigError
 
 
@@ -298,21 +299,16 @@ def _schedule_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-    cells = [tuple("" if c is None else str(c) for c in row) for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 def _schedule_list(args: argparse.Namespace) -> int:
     found = _session(args).list_schedules(experiment=args.experiment, limit=args.limit)
     if not found:
         print("no recurring runs")
         return 0
-    _table(
-        ("ID", "NAME", "STATUS", "CRON", "CREATED"),
-        [(s.recurring_run_id, s.name, s.status, s.cron, s.created_at) for s in found],
+    print(
+        format_table(
+            ("ID", "NAME", "STATUS", "CRON", "CREATED"),
+            [(s.recurring_run_id, s.name, s.status, s.cron, s.created_at) for s in found],
+        )
     )
     return 0
 
@@ -322,9 +318,11 @@ def _runs(args: argparse.Namespace) -> int:
     if not found:
         print("no runs")
         return 0
-    _table(
-        ("ID", "NAME", "STATE", "CREATED", "FINISHED"),
-        [(r.run_id, r.name, r.state, r.created_at, r.finished_at) for r in found],
+    print(
+        format_table(
+            ("ID", "NAME", "STATE", "CREATED", "FINISHED"),
+            [(r.run_id, r.name, r.state, r.created_at, r.finished_at) for r in found],
+        )
     )
     return 0
 

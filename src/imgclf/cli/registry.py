@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from imgclf import config
+from imgclf.cli.output import format_table
 from imgclf.registry import ModelRegistry, VersionInfo
 
 
@@ -44,14 +45,6 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    )
-
-
 def _row(info: VersionInfo) -> list[str]:
     accuracy = "-" if info.accuracy is None else f"{info.accuracy:.4f}"
     dataset = (info.dataset_hash or "-")[:12]
@@ -77,7 +70,7 @@ def _list(args: argparse.Namespace) -> int:
         print(f"no versions of {what} in registry {reg.uri}")
         return 0
     header = ["MODEL", "VERSION", "CREATED", "ACCURACY", "DATASET", "ALIASES"]
-    print(_table([_row(info) for info in versions], header))
+    print(format_table(header, [_row(info) for info in versions]))
     return 0
 
 
