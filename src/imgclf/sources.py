@@ -173,16 +173,13 @@ class HttpSource(Source):
         name = PurePosixPath(url_path).name or "download"
         download = dest_dir / "download.bin"
         self._download(download)
-        kind = archive_kind(name, download)
-        if kind is None:
-            raise DataError(
-                f"ingest.source {self.label!r}: the download is not a .tar.gz/.tgz/.tar/.zip "
-                "archive"
-            )
-        try:
-            return extract_archive(download, dest_dir / "extracted", kind=kind, label=self.label)
-        finally:
-            download.unlink(missing_ok=True)
+        return _extract_download(
+            download,
+            name,
+            dest_dir,
+            self.label,
+            "the download is not a .tar.gz/.tgz/.tar/.zip archive",
+        )
 
     def _download(self, target: Path) -> None:
         """Stream the URL to ``target``; any network or HTTP failure is a DataError."""
@@ -275,16 +272,14 @@ class S3Source(Source):
             store.download_file(key, download)
         except StorageError as exc:
             raise StorageError(f"ingest.source {self.label!r}: {exc}") from None
-        kind = archive_kind(PurePosixPath(key).name, download)
-        if kind is None:
-            raise DataError(
-                f"ingest.source {self.label!r}: the object is neither a .tar.gz/.tgz/.tar/.zip "
-                "archive nor a prefix with <class>/<image> objects under it"
-            )
-        try:
-            return extract_archive(download, dest_dir / "extracted", kind=kind, label=self.label)
-        finally:
-            download.unlink(missing_ok=True)
+        return _extract_download(
+            download,
+            PurePosixPath(key).name,
+            dest_dir,
+            self.label,
+            "the object is neither a .tar.gz/.tgz/.tar/.zip archive nor a prefix with "
+            "<class>/<image> objects under it",
+        )
 
     def settings(self) -> S3Settings:
         """Connection settings: environment, params.yaml ``s3:``, then ``ingest.s3``.
@@ -472,6 +467,22 @@ def archive_kind(name: str, path: Path) -> str | None:
     except OSError:
         return None
     return None
+
+
+def _extract_download(
+    download: Path, name: str, dest_dir: Path, label: str, not_archive: str
+) -> Path:
+    """Extract a fetched archive into ``dest_dir/extracted``, then drop the download.
+
+    ``not_archive`` says what the fetched file was expected to be when it is no archive.
+    """
+    try:
+        kind = archive_kind(name, download)
+        if kind is None:
+            raise DataError(f"ingest.source {label!r}: {not_archive}")
+        return extract_archive(download, dest_dir / "extracted", kind=kind, label=label)
+    finally:
+        download.unlink(missing_ok=True)
 
 
 def extract_archive(archive: Path, target: Path, *, kind: str, label: str) -> Path:
