@@ -44,13 +44,6 @@ def _dvc(*args: str, cwd: Path, timeout: float | None = None) -> subprocess.Comp
     )
 
 
-def materialize_into(source: str, dest: Path, *, image_size: int = 32) -> Path:
-    """Write ``source`` as raw ``<class>/<image>`` files into ``dest`` (replaced atomically)."""
-    from imgclf.sources import materialize_source
-
-    return materialize_source(source, dest, image_size=image_size)
-
-
 def _tracked_path(dvc_file: Path) -> Path:
     try:
         spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
@@ -232,7 +225,9 @@ def ensure_data(dvc_file: Path, *, sample: str = "sample:digits", image_size: in
     restored = _restore(dvc_file, data)
     if restored is not None:
         return restored
-    materialize_into(sample, data, image_size=image_size)
+    from imgclf.sources import materialize_source
+
+    materialize_source(sample, data, image_size=image_size)
     if not _matches(dvc_file):
         raise DataError(
             f"rebuilt {data.name}/ from {sample}, but it does not match {dvc_file.name}; "

@@ -121,9 +121,9 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _data_sample(args: argparse.Namespace) -> int:
-    from imgclf.datasets import materialize_into
+    from imgclf.sources import materialize_source
 
-    materialize_into(args.source, Path(args.out), image_size=args.image_size)
+    materialize_source(args.source, Path(args.out), image_size=args.image_size)
     print(f"wrote {args.source} to {args.out}")
     return 0
 
