@@ -30,6 +30,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def files_not_matching(root: Path, checksums: dict[str, str]) -> list[str]:
+    """The paths in ``checksums`` (relative, POSIX) missing under ``root`` or with another sha256.
+
+    Publish markers record each file's sha256; readers call this on what they downloaded so
+    that a file altered, truncated or replaced in the store is caught before it is used.
+    """
+    bad = []
+    for rel, expected in sorted(checksums.items()):
+        path = Path(root).joinpath(*rel.split("/"))
+        if not path.is_file() or sha256_file(path) != expected:
+            bad.append(rel)
+    return bad
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON atomically (temp file + rename): readers never see half a file."""
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

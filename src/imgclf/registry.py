@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import RegistryError
-from imgclf.fsutil import atomic_dir, sha256_file
+from imgclf.fsutil import atomic_dir, files_not_matching, sha256_file
 from imgclf.storage import Store, open_store
 
 DEFAULT_ALIAS = "production"
@@ -255,20 +255,12 @@ class ModelRegistry:
         target = Path(dest)
         with atomic_dir(target) as tmp:
             self.store.download_tree(prefix, tmp)
-            got = _local_files(tmp)
-            missing = sorted(set(info.files) - set(got))
-            if missing:
+            bad = files_not_matching(tmp, info.files)
+            if bad:
                 raise RegistryError(
-                    f"{self.uri}/{prefix}: files listed in {READY} are missing: "
-                    + ", ".join(missing)
+                    f"{self.uri}/{prefix}: {', '.join(bad)} missing or not matching the sha256 "
+                    f"recorded in {READY} at publish time (corrupted or overwritten)"
                 )
-            for rel, expected in info.files.items():
-                actual = sha256_file(got[rel])
-                if actual != expected:
-                    raise RegistryError(
-                        f"{self.uri}/{prefix}/{rel}: sha256 {actual} does not match "
-                        f"{expected} recorded at publish time (corrupted or overwritten)"
-                    )
         return target
 
     def alias(self, name: str, alias: str = DEFAULT_ALIAS) -> int | None:

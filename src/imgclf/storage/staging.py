@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgclf.errors import ConfigError, ImgclfError, StorageError
-from imgclf.fsutil import sha256_file
+from imgclf.fsutil import files_not_matching
 from imgclf.storage.base import Store, is_remote, open_store, publish_tree, split_uri
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,12 @@ def _check_download(root: Path, files: dict[str, str], uri: str) -> None:
         if rel not in files:
             log.debug("%s: ignoring %s, not listed in %s", uri, rel, MARKER)
             path.unlink()
-    for rel, expected in sorted(files.items()):
-        path = root.joinpath(*rel.split("/"))
-        if not path.is_file() or sha256_file(path) != expected:
-            raise StorageError(
-                f"{uri}: {rel} is missing or differs from its {MARKER} entry; the output was "
-                "probably rewritten while it was read: run the step again"
-            )
+    bad = files_not_matching(root, files)
+    if bad:
+        raise StorageError(
+            f"{uri}: {', '.join(bad[:5])} missing or differing from the {MARKER} entries; the "
+            "output was probably rewritten while it was read: run the step again"
+        )
 
 
 @contextlib.contextmanager
