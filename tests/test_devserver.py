@@ -99,20 +99,42 @@ def test_port_in_use_is_reported(tmp_path: Path) -> None:
             SeaweedServer(tmp_path / "data", port).start()
 
 
-def test_startup_timeout_shows_log_and_leaves_no_process(tmp_path: Path) -> None:
+def _no_process_over(data_dir: Path) -> None:
+    """Fail if any process still has ``data_dir`` on its command line."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert str(data_dir) not in cmdline.read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+
+
+def test_startup_timeout_names_the_log_and_leaves_no_process(tmp_path: Path) -> None:
+    # Only what start() guarantees: weed may or may not have logged anything in 0.2 s.
     server = SeaweedServer(tmp_path / "data", startup_timeout=0.2)
     with pytest.raises(StorageError, match=r"did not answer within 0.2s") as err:
         server.start()
-    message = str(err.value)
-    assert str(server.log_path) in message
-    assert re.search(r"^[IWE]\d{4} \d\d:\d\d:\d\d", message, re.M), "no weed log lines"
+    head, _, tail = str(err.value).partition(f"; last lines of {server.log_path}:\n")
+    assert head and tail.strip()  # at least the command line start() logs before weed runs
     assert server.pid is None
-    data_dir = str(tmp_path / "data")
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            assert data_dir not in cmdline.read_bytes().decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    _no_process_over(tmp_path / "data")
+
+
+def test_weed_exiting_at_start_shows_its_log_lines(tmp_path: Path) -> None:
+    # Another program takes the master port while the server is down; the restart on the
+    # same ports makes weed log a fatal bind error and exit, whatever the machine's speed.
+    server = SeaweedServer(tmp_path / "data")
+    with server as info:
+        master_port = info.ports["master"]
+    with (
+        socket.create_server(("127.0.0.1", master_port)),
+        pytest.raises(StorageError, match=r"weed\) exited with code \d+ while starting") as err,
+    ):
+        server.start()
+    message = str(err.value)
+    assert f"last lines of {server.log_path}:" in message
+    assert re.search(r"^F\d{4} .*address already in use", message, re.M), message
+    assert server.pid is None
+    _no_process_over(tmp_path / "data")
 
 
 def test_missing_weed_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -120,39 +120,40 @@ def test_open_store_uses_env_and_creates_bucket_on_first_write(
 
 
 def test_publish_interrupted_by_server_crash_is_never_trusted(
-    s3_server_process: SeaweedServer, s3_bucket: str, s3_settings: S3Settings, tmp_path: Path
+    s3_server_process: SeaweedServer,
+    s3_bucket: str,
+    s3_settings: S3Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = dataclasses.replace(s3_settings, workers=1, timeout=3.0)
     store = S3Store(s3_bucket, "models", settings)
     store.publish_tree(write_tree(tmp_path / "v1", {"w.bin": b"1"}), "m/1")
     assert store.is_published("m/1")
 
-    many = write_tree(tmp_path / "v2", {f"part/{i:04d}.bin": b"x" * 256 for i in range(2000)})
-    failures: list[BaseException] = []
+    many = write_tree(tmp_path / "v2", {f"part/{i:04d}.bin": b"x" * 256 for i in range(100)})
+    uploads: list[str] = []
+    upload_file = store.upload_file
 
-    def republish() -> None:
-        try:
+    def upload_crashing_before_the_21st(path: Path, key: str) -> None:
+        # the server dies at a fixed point of the publish, however fast this machine is
+        if len(uploads) == 20:
+            s3_server_process.kill()
+        uploads.append(key)
+        upload_file(path, key)
+
+    monkeypatch.setattr(store, "upload_file", upload_crashing_before_the_21st)
+    try:
+        with pytest.raises(StorageError) as err:
             store.publish_tree(many, "m/1")
-        except StorageError as exc:
-            failures.append(exc)
+    finally:
+        s3_server_process.start()
 
-    worker = threading.Thread(target=republish)
-    worker.start()
-    watcher = S3Store(s3_bucket, "models", s3_settings)
-    deadline = time.monotonic() + 30
-    while len(watcher.list("m/1")) < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    s3_server_process.kill()
-    worker.join(60)
-    s3_server_process.start()
-
-    assert not worker.is_alive()
-    assert failures, "the publish finished before the crash; the test did not test anything"
-    assert s3_server_process.info.endpoint in str(failures[0])
+    assert s3_server_process.info.endpoint in str(err.value)
     assert not store.is_published("m/1"), "a half-published prefix must not carry the marker"
-    assert 20 <= len(store.list("m/1")) < 2001
-    watcher.publish_tree(many, "m/1")  # a complete publish after the outage is trusted again
-    assert store.is_published("m/1")
+    assert len(store.list("m/1")) == 21  # w.bin and the 20 parts written before the crash
+    S3Store(s3_bucket, "models", s3_settings).publish_tree(many, "m/1")
+    assert store.is_published("m/1"), "a complete publish after the outage is trusted again"
 
 
 class FaultyProxy:
@@ -260,8 +261,27 @@ def test_persistent_failures_give_up_with_a_clear_error(
     assert s3_bucket in str(err.value)
 
 
+class BackoffClock:
+    """Stands in for ``time`` inside imgclf.storage.s3: sleeps advance the clock at once.
+
+    The retry loop's budget is then checked on what it decided to wait, not on how fast this
+    machine happens to be; real time still passes for the connection attempts themselves.
+    """
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return time.monotonic() + sum(self.slept)
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
 @pytest.mark.parametrize("retries", [3, 50])
-def test_unreachable_endpoint_fails_within_the_timeout(retries: int) -> None:
+def test_unreachable_endpoint_fails_within_the_timeout(
+    retries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (port,) = free_ports(1)  # nothing listens there
     settings = S3Settings(
         endpoint=f"127.0.0.1:{port}",
@@ -272,18 +292,34 @@ def test_unreachable_endpoint_fails_within_the_timeout(retries: int) -> None:
         timeout=1.5,
         retries=retries,
     )
-    started = time.monotonic()
+    clock = BackoffClock()
+    monkeypatch.setattr("imgclf.storage.s3.time", clock)
     with pytest.raises(StorageError) as err:
         S3Store("some-bucket", "p", settings).list()
-    elapsed = time.monotonic() - started
-    assert elapsed < settings.timeout + 1.0
+    assert clock.slept, "a refused connection is retried"
+    assert sum(clock.slept) <= settings.timeout, "the waits alone exceed IMGCLF_S3_TIMEOUT"
+    assert len(clock.slept) <= retries
     message = str(err.value)
+    assert f"after {len(clock.slept) + 1} attempts" in message
     assert f"http://127.0.0.1:{port}" in message and "some-bucket" in message
-    assert "cannot connect" in message and "attempts" in message
+    assert "cannot connect" in message
     assert SECRET not in message and "\n" not in message
 
 
-def test_silent_endpoint_fails_within_the_timeout() -> None:
+def accepted_connections(server: socket.socket) -> int:
+    """Drain and count the connections the kernel completed on ``server`` (never answered)."""
+    server.setblocking(False)
+    count = 0
+    while True:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def test_silent_endpoint_fails_after_one_timeout_not_one_per_retry() -> None:
     # accepts TCP connections (kernel backlog) but never answers: a hung server
     with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:
         port = silent.getsockname()[1]
@@ -294,12 +330,13 @@ def test_silent_endpoint_fails_within_the_timeout() -> None:
             secret_key=SECRET,
             region="us-east-1",
             timeout=1.0,
+            retries=3,
         )
-        started = time.monotonic()
         with pytest.raises(StorageError, match="no answer within 1s") as err:
             S3Store("hung-bucket", "", settings).exists("x")
-        assert time.monotonic() - started < settings.timeout + 1.0
+        assert accepted_connections(silent) == 1, "a request that timed out was sent again"
     assert f"127.0.0.1:{port}" in str(err.value) and "hung-bucket" in str(err.value)
+    assert "attempts" not in str(err.value)
 
 
 @pytest.mark.parametrize("wrong", ["secret", "access"])
