@@ -11,7 +11,7 @@ file by file, on a default ``Minio`` client. Two workloads:
     exits 1.
 
 Repetitions alternate which side goes first, so background load hits both alike; medians are
-reported. By default the script starts its own SeaweedFS on loopback (``imgclf.devserver``);
+reported. By default the script starts its own SeaweedFS on loopback (``imgclf.dev.seaweed``);
 ``--use-env`` measures the endpoint in AWS_ENDPOINT_URL / MINIO_ENDPOINT instead.
 
     python benchmarks/s3_throughput.py
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from minio import Minio
 
-from imgclf.devserver import SeaweedServer
+from imgclf.dev.seaweed import SeaweedServer
 from imgclf.storage.s3 import S3Store
 from imgclf.storage.s3config import MIB, S3Settings
 

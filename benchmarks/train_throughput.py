@@ -1,4 +1,4 @@
-"""Training throughput of ``imgclf.engine.train_one_epoch`` against a plain PyTorch loop.
+"""Training throughput of ``imgclf.training.engine.train_one_epoch`` against a plain PyTorch loop.
 
 The engine adds progress bars, metric accumulation, AMP and scheduler hooks around the
 step; this benchmark proves that costs (almost) nothing: the ratio of images/s must stay
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgclf import engine
-from imgclf.models import create_model, param_groups
+from imgclf.training import engine
+from imgclf.training.models import create_model, param_groups
 
 
 def plain_epoch(

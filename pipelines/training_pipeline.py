@@ -8,7 +8,7 @@
 Run parameters (every knob a user may change per run in the KFP UI) default to the
 ``params.yaml`` at the repository root, read when this module is imported; cluster wiring
 (GPU count, node selector, toleration, CPU/memory, MinIO Secret and ConfigMap names, retries)
-comes from its ``kfp`` section (:class:`imgclf.pipeline_settings.ClusterSettings`) because
+comes from its ``kfp`` section (:class:`imgclf.kfp.settings.ClusterSettings`) because
 KFP needs those as literals at compile time. So ``pipelines/training_pipeline.yaml`` is a
 function of params.yaml and this file: recompile after changing either::
 
@@ -33,7 +33,7 @@ from components.evaluate.component import evaluate
 from components.ingest.component import ingest
 from components.train.component import train
 from components.validate.component import validate
-from imgclf.pipeline_settings import ClusterSettings, load_cluster_settings, run_defaults
+from imgclf.kfp.settings import ClusterSettings, load_cluster_settings, run_defaults
 
 PIPELINE_NAME = "imgclf-training"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,12 @@ Registered in ``tests/conftest.py`` with ``pytest_plugins = ["s3_server"]`` (``t
 ``sys.path`` the way the other helper modules there are imported). Any test may use:
 
 ``s3_server`` (session)
-    :class:`imgclf.devserver.S3ServerInfo`: ``endpoint`` (``http://127.0.0.1:<port>``),
+    :class:`imgclf.dev.seaweed.S3ServerInfo`: ``endpoint`` (``http://127.0.0.1:<port>``),
     ``access_key``, ``secret_key``, ``pid`` (of the first start), ``env()``, ``settings()``.
     Started on free loopback ports over a temp data dir with generated credentials; stopped
     by pid at the end of the session. Fails (not skips) when ``weed`` is missing.
 ``s3_server_process`` (session)
-    The :class:`imgclf.devserver.SeaweedServer` behind it, for fault tests::
+    The :class:`imgclf.dev.seaweed.SeaweedServer` behind it, for fault tests::
 
         with s3_server_process.stopped():    # the store is down inside the block
             with pytest.raises(StorageError):
@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgclf.devserver import S3ServerInfo, SeaweedServer
+from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer
 from imgclf.storage.s3 import S3Store, make_client
 from imgclf.storage.s3config import ACCESS_KEY_VARS, ENDPOINT_VARS, SECRET_KEY_VARS, S3Settings
 

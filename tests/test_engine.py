@@ -10,11 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _tiny_dataset import build_tiny_dataset
-from imgclf import engine
-from imgclf.data import ManifestDataset, make_loader
+from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import ConfigError
-from imgclf.models import create_model, param_groups
-from imgclf.presets import ClassificationPresetEval, ClassificationPresetTrain
+from imgclf.training import engine
+from imgclf.training.models import create_model, param_groups
+from imgclf.training.presets import ClassificationPresetEval, ClassificationPresetTrain
 
 pytestmark = pytest.mark.timeout(120)
 

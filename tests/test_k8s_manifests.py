@@ -24,9 +24,9 @@ import yaml
 
 from _k8s_schema import schema_path, validate_custom_resource
 from components import _image
-from imgclf import kserve
 from imgclf.config import DeployConfig, RegistryConfig
-from imgclf.pipeline_settings import ClusterSettings
+from imgclf.kfp.settings import ClusterSettings
+from imgclf.serving import manifest as kserve
 from imgclf.storage import split_uri
 from pipelines.training_pipeline import S3_CONFIG_ENV
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from imgclf.errors import ConfigError
-from imgclf.models import (
+from imgclf.training.models import (
     OFFLINE_ENV,
     SimpleCNN,
     backbone_and_head_params,

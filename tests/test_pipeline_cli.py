@@ -15,9 +15,9 @@ from google.protobuf import json_format
 from kfp import compiler, dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from imgclf import kfp_client as kc
 from imgclf.cli import main
 from imgclf.errors import ConfigError
+from imgclf.kfp import client as kc
 from kfp_api_double import KfpApiDouble
 
 TOKEN = "tok-3f9a-do-not-print"

@@ -23,7 +23,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from imgclf import config
 from imgclf.errors import ConfigError
-from imgclf.pipeline_settings import ClusterSettings
+from imgclf.kfp.settings import ClusterSettings
 from pipelines import training_pipeline as tp
 
 REPO = Path(__file__).resolve().parents[1]

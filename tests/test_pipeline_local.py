@@ -25,7 +25,7 @@ from kfp import dsl
 
 from _tiny_dataset import pattern_image
 from imgclf import cli
-from imgclf import kfp_client as kc
+from imgclf.kfp import client as kc
 from imgclf.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The retraining policy against a real registry written by ``imgclf.registry``."""
+"""The retraining policy against a real registry written by ``imgclf.registry.model_registry``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from components.check_retrain.component import check_retrain
 from imgclf.config import RegistryConfig
 from imgclf.errors import DataError, RegistryError
 from imgclf.registry import ModelRegistry
-from imgclf.retrain import should_retrain
+from imgclf.registry.retrain import should_retrain
 
 
 def _dataset(path: Path, digest: str) -> Path:

@@ -34,11 +34,11 @@ from _model_factory import build_model_dir
 from _repo_copy import REPO, TINY_TRAIN, clone_repo, sh
 from _tiny_dataset import pattern_image
 from imgclf.config import IngestConfig
-from imgclf.datasets import pull_blocker
-from imgclf.devserver import S3ServerInfo, SeaweedServer, free_ports
+from imgclf.data.sources import SourceOptions, materialize_source, open_source
+from imgclf.data.versioned import pull_blocker
+from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer, free_ports
 from imgclf.errors import ConfigError, DataError, StorageError
 from imgclf.registry import ModelRegistry
-from imgclf.sources import SourceOptions, materialize_source, open_source
 from imgclf.steps import ingest
 from imgclf.storage import Store
 from imgclf.storage.s3 import S3Store, make_client

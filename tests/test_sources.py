@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.errors import ConfigError, DataError
-from imgclf.sources import (
+from imgclf.data.sources import (
     SOURCES,
     HttpSource,
     LocalPathSource,
@@ -29,6 +28,7 @@ from imgclf.sources import (
     open_source,
     redact_uri,
 )
+from imgclf.errors import ConfigError, DataError
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.devserver import S3ServerInfo, SeaweedServer, free_ports
+from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer, free_ports
 from imgclf.errors import ConfigError, StorageError
 from imgclf.fsutil import sha256_file
 from imgclf.storage import is_published, open_store, publish_tree

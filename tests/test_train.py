@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from _tiny_dataset import build_tiny_dataset
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, DataError
-from imgclf.models import load_model_dir
 from imgclf.steps import train
+from imgclf.training.models import load_model_dir
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,8 +16,8 @@ def check_retrain(
     registry_alias: str,
     force: bool,
 ) -> NamedTuple("RetrainDecision", [("should_retrain", bool), ("reason", str)]):
-    """Call ``imgclf.retrain.should_retrain`` so a recurring run skips the GPU when the data
-    is what the production model was trained on.
+    """Call ``imgclf.registry.retrain.should_retrain`` so a recurring run skips the GPU when
+    the data is what the production model was trained on.
 
     Args:
         dataset: Validated dataset dir; its ``dataset.json`` hash is compared.
@@ -33,7 +33,7 @@ def check_retrain(
     from pathlib import Path
 
     from imgclf import config
-    from imgclf.retrain import should_retrain
+    from imgclf.registry.retrain import should_retrain
 
     registry = config.build(
         config.RegistryConfig,

@@ -1,6 +1,6 @@
 """``imgclf pipeline ...``: compile, upload, run, schedule and list the Kubeflow pipeline.
 
-Handlers only read flags, print, and call :mod:`imgclf.kfp_client`. Everything that can be
+Handlers only read flags, print, and call :mod:`imgclf.kfp.client`. Everything that can be
 checked without the server (cron syntax, parameter names and types, the package file) is
 checked before connecting, so a typo never costs a request, let alone a cluster run.
 """
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imgclf import kfp_client as kc
 from imgclf.cli.output import format_table
 from imgclf.errors import ConfigError
+from imgclf.kfp import client as kc
 
 
 def _connection_flags() -> argparse.ArgumentParser:

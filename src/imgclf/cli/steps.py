@@ -121,7 +121,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _data_sample(args: argparse.Namespace) -> int:
-    from imgclf.sources import materialize_source
+    from imgclf.data.sources import materialize_source
 
     materialize_source(args.source, Path(args.out), image_size=args.image_size)
     print(f"wrote {args.source} to {args.out}")
@@ -129,7 +129,7 @@ def _data_sample(args: argparse.Namespace) -> int:
 
 
 def _data_ensure(args: argparse.Namespace) -> int:
-    from imgclf.datasets import ensure_data
+    from imgclf.data.versioned import ensure_data
 
     print(ensure_data(Path(args.dvc_file), sample=args.sample, image_size=args.image_size))
     return 0

@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from imgclf import kserve
 from imgclf.config import DeployConfig, RegistryConfig, to_dict
 from imgclf.errors import DataError
 from imgclf.fsutil import atomic_dir, read_json, sha256_file, write_json, write_text
 from imgclf.registry import WEIGHTS_FILE, ModelRegistry, VersionInfo
+from imgclf.serving import manifest as kserve
 from imgclf.storage import is_remote
 
 log = logging.getLogger(__name__)

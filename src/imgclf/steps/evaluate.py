@@ -20,7 +20,7 @@ from typing import Any
 
 from imgclf import config as config_mod
 from imgclf.config import EvaluateConfig, RegistryConfig
-from imgclf.data import ManifestDataset, make_loader, read_dataset_info
+from imgclf.data.loader import ManifestDataset, make_loader, read_dataset_info
 from imgclf.errors import DataError, ImgclfError, RegistryError, StorageError
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.storage import is_remote, open_store
@@ -82,9 +82,9 @@ def _score(
     model_dir: Path, dataset_dir: Path, cfg: EvaluateConfig, device: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate a model dir on the test split: (engine metrics with outputs, model.json)."""
-    from imgclf import engine
-    from imgclf.models import load_model_dir
-    from imgclf.presets import ClassificationPresetEval
+    from imgclf.training import engine
+    from imgclf.training.models import load_model_dir
+    from imgclf.training.presets import ClassificationPresetEval
 
     model, meta = load_model_dir(model_dir)
     transform = ClassificationPresetEval(
@@ -191,7 +191,7 @@ def run(
     Returns the ``metrics.json`` content; ``passed`` is the gate decision. A failed gate is
     a result, not an error: deploy reads ``passed`` and refuses to promote.
     """
-    from imgclf import engine
+    from imgclf.training import engine
 
     dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
     device = engine.select_device("auto")

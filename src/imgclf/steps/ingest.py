@@ -40,9 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import IngestConfig, SplitRatios, to_dict
+from imgclf.data.sources import (
+    SPLITS,
+    RawImage,
+    SourceOptions,
+    find_images,
+    open_source,
+    redact_uri,
+)
 from imgclf.errors import ConfigError
 from imgclf.fsutil import atomic_dir, write_json
-from imgclf.sources import SPLITS, RawImage, SourceOptions, find_images, open_source, redact_uri
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,19 @@ import torch
 from torch import nn
 
 from imgclf import config as config_mod
-from imgclf import engine
 from imgclf.config import TrainConfig
-from imgclf.data import ManifestDataset, make_loader, read_dataset_info
+from imgclf.data.loader import ManifestDataset, make_loader, read_dataset_info
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir, write_json, write_text
-from imgclf.models import IMAGENET_MEAN, IMAGENET_STD, create_model, freeze_backbone, param_groups
-from imgclf.presets import ClassificationPresetEval, ClassificationPresetTrain
+from imgclf.training import engine
+from imgclf.training.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_model,
+    freeze_backbone,
+    param_groups,
+)
+from imgclf.training.presets import ClassificationPresetEval, ClassificationPresetTrain
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from _k8s_schema import SHARED_ENV, schema_path, validate_custom_resource
-from imgclf import kserve
 from imgclf.errors import ConfigError
+from imgclf.serving import manifest as kserve
 
 CRD_FILE = "kserve.serving.kserve.io_inferenceservices.yaml"
 

@@ -60,7 +60,7 @@ _PORT_NAMES = (
     "filer_grpc",
 )
 _MASTER_TOML = """\
-# Written by imgclf.devserver: grow 2 volumes per bucket instead of 7, since every S3 bucket
+# Written by imgclf.dev.seaweed: grow 2 volumes per bucket instead of 7, since every S3 bucket
 # is its own SeaweedFS collection and tests create many small buckets.
 [master.volume_growth]
 copy_1 = 2

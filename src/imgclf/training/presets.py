@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import v2
 
 from imgclf.errors import ConfigError
-from imgclf.models import IMAGENET_MEAN, IMAGENET_STD
+from imgclf.training.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConvertMode:

@@ -225,7 +225,7 @@ def ensure_data(dvc_file: Path, *, sample: str = "sample:digits", image_size: in
     restored = _restore(dvc_file, data)
     if restored is not None:
         return restored
-    from imgclf.sources import materialize_source
+    from imgclf.data.sources import materialize_source
 
     materialize_source(sample, data, image_size=image_size)
     if not _matches(dvc_file):

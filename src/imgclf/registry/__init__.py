@@ -1,0 +1,12 @@
+"""The model registry: numbered versions and movable aliases on any store, and the
+retraining policy that reads it."""
+
+from imgclf.registry.model_registry import (
+    DEFAULT_ALIAS,
+    WEIGHTS_FILE,
+    ModelRegistry,
+    VersionInfo,
+    validate_name,
+)
+
+__all__ = ["DEFAULT_ALIAS", "WEIGHTS_FILE", "ModelRegistry", "VersionInfo", "validate_name"]
