@@ -28,6 +28,7 @@ demo: install
 	imgclf registry list
 
 test: install
+	lint-imports
 	pytest
 
 lint: install

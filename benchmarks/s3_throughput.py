@@ -35,7 +35,7 @@ from pathlib import Path
 
 from minio import Minio
 
-from imgclf.dev.seaweed import SeaweedServer
+from imgclf.dev import SeaweedServer
 from imgclf.storage.s3 import S3Store
 from imgclf.storage.s3config import MIB, S3Settings
 

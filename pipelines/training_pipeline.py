@@ -5,12 +5,15 @@
     ingest -> validate -> check_retrain --(dataset changed or force)--> train (GPU)
                                            -> evaluate --(passed)--> deploy
 
-Run parameters (every knob a user may change per run in the KFP UI) default to the
-``params.yaml`` at the repository root, read when this module is imported; cluster wiring
-(GPU count, node selector, toleration, CPU/memory, MinIO Secret and ConfigMap names, retries)
-comes from its ``kfp`` section (:class:`imgclf.kfp.settings.ClusterSettings`) because
-KFP needs those as literals at compile time. So ``pipelines/training_pipeline.yaml`` is a
-function of params.yaml and this file: recompile after changing either::
+:func:`build_pipeline` makes the pipeline from a ``params.yaml`` (the repository's by
+default), read when it is called and never at import, so importing this module reads no file
+and the CLI can load the builder through the ``pipelines.training_pipeline:build_pipeline``
+entry point. Run parameters (every knob a user may change per run in the KFP UI) default to
+its step sections; cluster wiring (GPU count, node selector, toleration, CPU/memory, MinIO
+Secret and ConfigMap names, retries) comes from its ``kfp`` section
+(:class:`imgclf.kfp.settings.ClusterSettings`) because KFP needs those as literals at compile
+time. So ``pipelines/training_pipeline.yaml`` is a function of params.yaml and this file:
+recompile after changing either::
 
     python -m pipelines.training_pipeline --out pipelines/training_pipeline.yaml
 
@@ -18,13 +21,11 @@ Set ``IMGCLF_IMAGE`` at compile time to run the components in another image.
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kfp import compiler, dsl, kubernetes
+from kfp import dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
 
 from components.check_retrain.component import check_retrain
@@ -33,6 +34,7 @@ from components.evaluate.component import evaluate
 from components.ingest.component import ingest
 from components.train.component import train
 from components.validate.component import validate
+from imgclf.kfp.package import compile_pipeline
 from imgclf.kfp.settings import ClusterSettings, load_cluster_settings, run_defaults
 
 PIPELINE_NAME = "imgclf-training"
@@ -101,8 +103,12 @@ def build_pipeline(
 ) -> GraphComponent:
     """The pipeline with run-parameter defaults from ``params_path`` and ``cluster`` wiring.
 
-    ``cluster`` defaults to the ``kfp`` section of ``params_path``. Call this instead of
-    using :data:`training_pipeline` to compile for another cluster.
+    ``cluster`` defaults to the ``kfp`` section of ``params_path``; pass one to compile for
+    another cluster. Each run parameter has the name of the component input it feeds, and
+    that is its config field's name, qualified (``split_seed``, ``train_seed``,
+    ``train_image_size``, ``eval_batch_size``, ``registry_uri``, ``registry_alias``,
+    ``serving_image``) where the bare field name would be ambiguous or say too little in
+    the UI's one flat list of parameters.
     """
     cluster = cluster or load_cluster_settings(params_path)
     defaults = run_defaults(params_path, cluster)
@@ -222,7 +228,7 @@ def build_pipeline(
             split_train=split_train,
             split_val=split_val,
             split_test=split_test,
-            seed=split_seed,
+            split_seed=split_seed,
             image_format=image_format,
         )
         # Never cached: the same source URI can hold new images tomorrow, and a cached
@@ -257,10 +263,10 @@ def build_pipeline(
         with dsl.If(check_task.outputs["should_retrain"] == True, name="dataset-changed"):  # noqa: E712
             train_task = train(
                 dataset=dataset,
-                architecture=model,
+                model=model,
                 pretrained=pretrained,
                 freeze_backbone=freeze_backbone,
-                image_size=train_image_size,
+                train_image_size=train_image_size,
                 augment=augment,
                 epochs=epochs,
                 batch_size=batch_size,
@@ -270,7 +276,7 @@ def build_pipeline(
                 weight_decay=weight_decay,
                 scheduler=scheduler,
                 patience=patience,
-                seed=train_seed,
+                train_seed=train_seed,
                 device=device,
                 num_workers=num_workers,
                 threads=threads,
@@ -282,11 +288,11 @@ def build_pipeline(
 
             evaluate_task = evaluate(
                 dataset=dataset,
-                model=train_task.outputs["model"],
+                trained_model=train_task.outputs["trained_model"],
                 min_accuracy=min_accuracy,
                 max_regression=max_regression,
                 top_k=top_k,
-                batch_size=eval_batch_size,
+                eval_batch_size=eval_batch_size,
                 registry_uri=registry_uri,
                 model_name=model_name,
                 registry_alias=registry_alias,
@@ -295,7 +301,7 @@ def build_pipeline(
 
             with dsl.If(evaluate_task.outputs["passed"] == True, name="quality-gate-passed"):  # noqa: E712
                 deploy_task = deploy(
-                    model=train_task.outputs["model"],
+                    trained_model=train_task.outputs["trained_model"],
                     evaluation=evaluate_task.outputs["evaluation"],
                     namespace=namespace,
                     service_account=service_account,
@@ -315,30 +321,6 @@ def build_pipeline(
     return training_pipeline
 
 
-training_pipeline = build_pipeline()
-
-
-def compile_pipeline(
-    path: str | Path = COMPILED_PATH, pipeline: GraphComponent | None = None
-) -> Path:
-    """Compile ``pipeline`` (default :data:`training_pipeline`) to YAML at ``path``.
-
-    Written to a temp file beside ``path`` and renamed, so a failed compile never leaves a
-    truncated pipeline that the KFP UI would reject at upload.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp.yaml", dir=target.parent)
-    os.close(fd)
-    try:
-        compiler.Compiler().compile(pipeline or training_pipeline, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipelines.training_pipeline [--out PATH] [--params PATH]``."""
     parser = argparse.ArgumentParser(description="Compile the imgclf training pipeline to YAML.")
@@ -350,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="params.yaml whose sections give the run-parameter defaults and cluster settings",
     )
     args = parser.parse_args(argv)
-    print(compile_pipeline(args.out, build_pipeline(args.params)))
+    print(compile_pipeline(build_pipeline(args.params), args.out))
     return 0
 
 

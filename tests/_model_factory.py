@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imgclf.contracts import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
 from imgclf.fsutil import write_json, write_text
 
 INPUT_SIZE = (3, 8, 8)
@@ -47,12 +48,12 @@ def build_model_dir(
 
     root.mkdir(parents=True, exist_ok=True)
     net = _tiny_net(len(classes), seed)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / WEIGHTS_FILE)
     if export:
         program = torch.export.export(net, (torch.zeros(1, *INPUT_SIZE),))
         torch.export.save(program, root / "model.pt2")
     write_json(
-        root / "model.json",
+        root / MODEL_FILE,
         {
             "architecture": "tiny-linear",
             "classes": list(classes),
@@ -90,7 +91,7 @@ def build_eval_dir(
         for c in classes
     }
     write_json(
-        root / "metrics.json",
+        root / METRICS_FILE,
         {
             "accuracy": accuracy,
             "loss": 0.2,

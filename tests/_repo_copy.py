@@ -19,23 +19,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SKIP = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "out",
-    "registry",
-    "data",
-    "cache",
-    "tmp",
-    "config.local",
-    "dvc_plots",
-    "dvc.lock",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    ".s3data",
-)
+# What a fresh checkout does not have, by folder: root-level only, since packages such as
+# src/imgclf/data and src/imgclf/registry share names with the root's outputs.
+NOT_CHECKED_OUT = {
+    REPO: frozenset(
+        {".git", ".venv", "out", "registry", "data", "dvc_plots", "dvc.lock", ".s3data"}
+    ),
+    REPO / ".dvc": frozenset({"cache", "tmp", "config.local"}),
+}
+CACHES = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info")
+
+
+def not_checked_out(directory: str, names: list[str]) -> set[str]:
+    """``copytree``'s ignore: local state and outputs, and caches anywhere."""
+    local = NOT_CHECKED_OUT.get(Path(directory).resolve(), frozenset())
+    return set(CACHES(directory, names)) | local.intersection(names)
+
+
 TINY_TRAIN = {"model": "simple_cnn", "epochs": 2, "max_steps_per_epoch": 4, "image_size": 16}
 
 
@@ -94,7 +94,7 @@ def clone_repo(
     before the commit, so the change is part of the checkout, not a local edit.
     """
     repo = tmp_path / name
-    shutil.copytree(REPO, repo, ignore=SKIP)
+    shutil.copytree(REPO, repo, ignore=not_checked_out)
     params_file = repo / "params.yaml"
     values = yaml.safe_load(params_file.read_text())
     values["train"].update(TINY_TRAIN)

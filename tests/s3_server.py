@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer
+from imgclf.dev import S3ServerInfo, SeaweedServer
 from imgclf.storage.s3 import S3Store, make_client
 from imgclf.storage.s3config import ACCESS_KEY_VARS, ENDPOINT_VARS, SECRET_KEY_VARS, S3Settings
 

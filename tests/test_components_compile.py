@@ -7,6 +7,7 @@ has a docstring entry that KFP shows in its UI (STYLE rule 7).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -23,6 +24,7 @@ from kfp import compiler
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components import _image
+from imgclf import config
 from imgclf.config import DeployConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +46,7 @@ OUTPUT_TYPES = {
         "metrics": "system.Metrics",
     },
     "check_retrain": {},
-    "train": {"model": "system.Model", "metrics": "system.Metrics"},
+    "train": {"trained_model": "system.Model", "metrics": "system.Metrics"},
     "evaluate": {
         "evaluation": "system.Artifact",
         "metrics": "system.Metrics",
@@ -58,6 +60,31 @@ OUTPUT_PARAMETERS = {
     "evaluate": {"passed": "BOOLEAN", "accuracy": "NUMBER_DOUBLE"},
     "deploy": {"version": "NUMBER_INTEGER", "promoted": "BOOLEAN"},
 }
+
+# The config sections each component builds from its parameters.
+SECTIONS: dict[str, tuple[type, ...]] = {
+    "ingest": (config.IngestConfig,),
+    "validate": (config.ValidateConfig,),
+    "check_retrain": (config.RegistryConfig,),
+    "train": (config.TrainConfig,),
+    "evaluate": (config.EvaluateConfig, config.RegistryConfig),
+    "deploy": (config.DeployConfig, config.RegistryConfig),
+}
+# Parameters named after their config field with a qualifier: the pipeline's run parameters
+# share one flat list in the KFP UI, where ``seed`` or ``uri`` alone would not say whose.
+QUALIFIED = {
+    "split_train": (config.IngestConfig, "split"),
+    "split_val": (config.IngestConfig, "split"),
+    "split_test": (config.IngestConfig, "split"),
+    "split_seed": (config.IngestConfig, "seed"),
+    "train_image_size": (config.TrainConfig, "image_size"),
+    "train_seed": (config.TrainConfig, "seed"),
+    "eval_batch_size": (config.EvaluateConfig, "batch_size"),
+    "registry_uri": (config.RegistryConfig, "uri"),
+    "registry_alias": (config.RegistryConfig, "alias"),
+    "serving_image": (config.DeployConfig, "image"),
+}
+NOT_CONFIG = {"force"}  # a per-run decision, not a setting of any section
 
 
 def _component(step: str) -> Any:
@@ -110,6 +137,18 @@ def test_every_input_and_output_is_documented(step: str, tmp_path: Path) -> None
     for kind in ("parameters", "artifacts"):
         for name, definition in inputs.get(kind, {}).items():
             assert definition.get("description"), f"{step}.{name} has no description"
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_parameters_are_named_after_their_config_fields(step: str, tmp_path: Path) -> None:
+    (spec,) = _compile(step, tmp_path)["components"].values()
+    fields = {(cls, field.name) for cls in SECTIONS[step] for field in dataclasses.fields(cls)}
+    for name in set(spec["inputDefinitions"].get("parameters", {})) - NOT_CONFIG:
+        qualified = QUALIFIED.get(name)
+        if qualified is None:
+            assert any(name == field for _, field in fields), f"{step}.{name}: no such field"
+        else:
+            assert qualified in fields, f"{step}.{name}: {qualified} is not its field"
 
 
 def test_one_image_for_all_components() -> None:

@@ -20,14 +20,16 @@ import pytest
 import yaml
 from kfp import dsl
 
-from _tiny_dataset import pattern_image
+from _dataset_factory import pattern_image
 from components.check_retrain.component import check_retrain
 from components.deploy.component import deploy
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
 from components.train.component import train
 from components.validate.component import validate
-from imgclf.errors import ValidationFailed
+from imgclf.config import RegistryConfig
+from imgclf.errors import ConfigError, ValidationFailed
+from imgclf.kfp.components import log_scalar_metrics, registry_config, write_data_docs_page
 from imgclf.registry import ModelRegistry
 
 CLASSES = ("bar", "column", "diagonal")
@@ -62,7 +64,7 @@ class Chain:
     report: dsl.Artifact
     data_docs: dsl.HTML
     validate_metrics: dsl.Metrics
-    model: dsl.Model
+    trained_model: dsl.Model
     train_metrics: dsl.Metrics
     evaluation: dsl.Artifact
     eval_metrics: dsl.Metrics
@@ -89,7 +91,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         split_train=0.6,
         split_val=0.2,
         split_test=0.2,
-        seed=1,
+        split_seed=1,
         image_format="png",
     )
     report = _artifact(dsl.Artifact, root, "validate", "report")
@@ -102,16 +104,16 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         metrics=validate_metrics,
         **VALIDATE_ARGS,
     )
-    model = _artifact(dsl.Model, root, "train", "model")
+    trained_model = _artifact(dsl.Model, root, "train", "trained_model")
     train_metrics = _artifact(dsl.Metrics, root, "train", "metrics")
     train.python_func(
         dataset=dataset,
-        model=model,
+        trained_model=trained_model,
         metrics=train_metrics,
-        architecture="simple_cnn",
+        model="simple_cnn",
         pretrained="none",
         freeze_backbone=False,
-        image_size=16,
+        train_image_size=16,
         augment="none",
         epochs=2,
         batch_size=8,
@@ -121,7 +123,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         weight_decay=0.0,
         scheduler="onecycle",
         patience=0,
-        seed=3,
+        train_seed=3,
         device="cpu",
         num_workers=0,
         threads=1,
@@ -134,7 +136,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     model_card = _artifact(dsl.Markdown, root, "evaluate", "model_card")
     returned = evaluate.python_func(
         dataset=dataset,
-        model=model,
+        trained_model=trained_model,
         evaluation=evaluation,
         metrics=eval_metrics,
         confusion_matrix=confusion,
@@ -142,7 +144,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         min_accuracy=0.0,
         max_regression=1.0,
         top_k=2,
-        batch_size=16,
+        eval_batch_size=16,
         registry_uri=registry,
         **REGISTRY_ARGS,
     )
@@ -153,7 +155,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         report,
         data_docs,
         validate_metrics,
-        model,
+        trained_model,
         train_metrics,
         evaluation,
         eval_metrics,
@@ -206,10 +208,10 @@ def test_validate_fails_the_task_on_a_blocking_expectation(chain: Chain, tmp_pat
 
 
 def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
-    model_dir = Path(chain.model.path)
+    model_dir = Path(chain.trained_model.path)
     for name in ("model.safetensors", "model.pt2", "model.json", "history.csv"):
         assert (model_dir / name).is_file(), name
-    meta = chain.model.metadata
+    meta = chain.trained_model.metadata
     assert meta["framework"] == "pytorch" and meta["architecture"] == "simple_cnn"
     assert meta["classes"] == list(CLASSES)
     assert meta["dataset_hash"] == chain.dataset.metadata["hash"]
@@ -239,7 +241,7 @@ def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_pat
 
     service = _artifact(dsl.Artifact, tmp_path, "deploy", "inference_service")
     version, promoted = deploy.python_func(
-        model=chain.model,
+        trained_model=chain.trained_model,
         evaluation=chain.evaluation,
         inference_service=service,
         namespace="imgclf",
@@ -261,3 +263,57 @@ def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_pat
     assert should is False and reason.startswith("nothing to retrain")
     should, reason = check_retrain.python_func(force=True, **args)
     assert should is True and "forced" in reason
+
+
+def test_log_scalar_metrics_logs_only_numbers_in_key_order(tmp_path: Path) -> None:
+    metrics = _artifact(dsl.Metrics, tmp_path, "train", "metrics")
+    log_scalar_metrics(
+        metrics,
+        {
+            "val_loss": 0.25,
+            "epochs_run": 4,
+            "passed": True,
+            "champion": None,
+            "best_model": "resnet18",
+            "per_class": {"bar": 0.5},
+        },
+    )
+    assert list(metrics.metadata.items()) == [("epochs_run", 4), ("val_loss", 0.25)]
+
+
+def test_registry_config_maps_the_qualified_parameters_to_the_section() -> None:
+    registry = registry_config("s3://models/registry", "digits", "production", "deploy")
+    assert registry == RegistryConfig(
+        uri="s3://models/registry", model_name="digits", alias="production"
+    )
+
+
+def test_registry_config_names_the_component_and_field_of_a_bad_value() -> None:
+    with pytest.raises(ConfigError, match=r"component:evaluate\.alias"):
+        registry_config("registry", "digits", 1, "evaluate")  # type: ignore[arg-type]
+
+
+def test_data_docs_page_inlines_every_suite_result(tmp_path: Path) -> None:
+    docs = tmp_path / "data_docs"
+    for suite, body in (("images", '<p class="x">ok & fine</p>'), ("classes", "<p>2 < 3</p>")):
+        result = docs / "validations" / suite / "run-1" / "result.html"
+        result.parent.mkdir(parents=True)
+        result.write_text(body, encoding="utf-8")
+    (docs / "index.html").write_text("<a href='validations/images'>images</a>", encoding="utf-8")
+    data_docs = _artifact(dsl.HTML, tmp_path, "validate", "data_docs")
+
+    write_data_docs_page(docs, Path(data_docs.path))
+
+    page = Path(data_docs.path).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.endswith("</html>\n")
+    assert page.index("<h2>classes</h2>") < page.index("<h2>images</h2>")
+    assert page.count("<iframe srcdoc=") == 2  # the index, with its dead links, is left out
+    assert 'srcdoc="&lt;p class=&quot;x&quot;&gt;ok &amp; fine&lt;/p&gt;"' in page
+    assert "index.html" not in page and "href" not in page
+
+
+def test_data_docs_page_without_results_is_still_a_page(tmp_path: Path) -> None:
+    data_docs = _artifact(dsl.HTML, tmp_path, "validate", "data_docs")
+    write_data_docs_page(tmp_path / "data_docs", Path(data_docs.path))
+    page = Path(data_docs.path).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<iframe" not in page

@@ -10,6 +10,7 @@ import yaml
 
 from _k8s_schema import schema_path, validate_custom_resource
 from _model_factory import build_eval_dir, build_model_dir
+from imgclf import contracts
 from imgclf.config import DeployConfig, RegistryConfig
 from imgclf.errors import DataError
 from imgclf.fsutil import read_json, sha256_file
@@ -94,6 +95,21 @@ def test_failed_gate_renders_current_production(
     assert (result["promoted"], result["version"]) == (False, 1)
     manifest = yaml.safe_load((tmp_path / "out" / "inferenceservice.yaml").read_text())
     assert manifest["metadata"]["labels"]["imgclf.io/model-version"] == "1"
+
+
+def test_each_model_file_is_hashed_once(
+    tmp_path: Path, registry_cfg: RegistryConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[str] = []
+
+    def counting_sha256(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(contracts, "sha256_file", counting_sha256)
+    result = _run(tmp_path, registry_cfg)
+    assert result["published"] is True
+    assert sorted(hashed) == ["history.csv", "model.json", "model.safetensors"]
 
 
 def test_rerun_with_same_model_does_not_duplicate(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.dev.seaweed import SeaweedServer, free_ports, running_s3_server
+from imgclf.dev import SeaweedServer, free_ports, running_s3_server
 from imgclf.errors import ConfigError, StorageError
 from imgclf.storage.s3 import S3Store
 from imgclf.storage.s3config import ACCESS_KEY_VARS, ENDPOINT_VARS, SECRET_KEY_VARS, S3Settings

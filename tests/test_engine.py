@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _tiny_dataset import build_tiny_dataset
+from _dataset_factory import build_tiny_dataset
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import ConfigError
 from imgclf.training import engine

@@ -1,9 +1,8 @@
 """EVALUATE step: test metrics, output files and the champion gate on a real registry layout.
 
-The champion is published into a LocalStore (and once into the session's S3 server) by
-writing the CONTRACTS.md layout directly, so these tests do not depend on the registry
-module. A "good" model trained for a few epochs and an untrained "bad" one give the gate
-a real accuracy gap to decide on.
+The champion is published with the real registry into a LocalStore (and once into the
+session's S3 server), as deploy would. A "good" model trained for a few epochs and an
+untrained "bad" one give the gate a real accuracy gap to decide on.
 """
 
 from __future__ import annotations
@@ -15,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from _tiny_dataset import build_tiny_dataset
+from _dataset_factory import build_tiny_dataset
 from imgclf.config import EvaluateConfig, RegistryConfig, TrainConfig
 from imgclf.errors import DataError, RegistryError
+from imgclf.registry import ModelRegistry
 from imgclf.steps import evaluate, train
-from imgclf.storage import open_store
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,17 +57,12 @@ def bad_model(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def _publish(uri: str, model_dir: Path, version: int, metrics: dict, *, ready: bool = True) -> None:
-    """Write one registry version and point the production alias at it (CONTRACTS.md)."""
-    store = open_store(uri)
-    prefix = f"models/digits/{version}"
-    store.upload_tree(model_dir, f"{prefix}/model")
-    store.write_bytes(f"{prefix}/metrics.json", json.dumps(metrics).encode())
-    if ready:
-        store.write_bytes(f"{prefix}/READY", b"")
-    store.write_bytes(
-        "models/digits/aliases/production.json", json.dumps({"version": version}).encode()
-    )
+def _publish(uri: str, model_dir: Path, metrics: dict) -> int:
+    """Publish ``model_dir`` as the next version and point the production alias at it."""
+    reg = ModelRegistry.open(uri)
+    version = reg.publish("digits", model_dir, metrics, {})
+    reg.promote("digits", version)
+    return version
 
 
 def test_metrics_and_outputs(dataset_dir: Path, good_model: Path, tmp_path: Path) -> None:
@@ -125,7 +119,7 @@ def test_better_champion_blocks_challenger(
 ) -> None:
     uri = str(tmp_path / "registry")
     # The recorded accuracy is deliberately wrong: the gate must re-evaluate, not trust it.
-    _publish(uri, good_model, 1, {"accuracy": 0.0})
+    _publish(uri, good_model, {"accuracy": 0.0})
     metrics = evaluate.run(
         OPEN_GATE,
         RegistryConfig(uri=uri),
@@ -164,7 +158,7 @@ def test_champion_with_other_classes_uses_recorded_accuracy(
     other_data = build_tiny_dataset(tmp_path / "other-ds", classes=("x", "y", "z"))
     train.run(dataclasses.replace(TINY, epochs=1), dataset_dir=other_data, out_dir=other)
     uri = str(tmp_path / "registry")
-    _publish(uri, other, 4, {"accuracy": 0.999})
+    _publish(uri, other, {"accuracy": 0.999})
     metrics = evaluate.run(
         OPEN_GATE,
         RegistryConfig(uri=uri),
@@ -173,24 +167,49 @@ def test_champion_with_other_classes_uses_recorded_accuracy(
         out_dir=tmp_path / "eval",
     )
     assert metrics["champion"] == {
-        "version": 4,
+        "version": 1,
         "accuracy": 0.999,
         "source": "recorded metrics.json accuracy (its classes differ from the current dataset's)",
     }
     assert metrics["passed"] is (metrics["accuracy"] >= 0.999)
 
 
-def test_find_champion_lookups(good_model: Path, tmp_path: Path) -> None:
+def test_tampered_champion_falls_back_to_its_recorded_accuracy(
+    dataset_dir: Path, good_model: Path, tmp_path: Path
+) -> None:
     uri = str(tmp_path / "registry")
-    registry = RegistryConfig(uri=uri)
-    assert evaluate.find_champion(registry) is None
-    _publish(uri, good_model, 2, {"accuracy": 0.5})
-    version, path, metrics = evaluate.find_champion(registry)
-    assert (version, metrics) == (2, {"accuracy": 0.5})
-    assert path == Path(uri) / "models" / "digits" / "2" / "model"
-    _publish(uri, good_model, 3, {"accuracy": 0.5}, ready=False)
-    with pytest.raises(RegistryError, match="version 3, which has no READY marker"):
-        evaluate.find_champion(registry)
+    version = _publish(uri, good_model, {"accuracy": 0.5})
+    weights = (
+        tmp_path / "registry" / "models" / "digits" / str(version) / "model" / "model.safetensors"
+    )
+    weights.write_bytes(b"not the weights")
+    metrics = evaluate.run(
+        OPEN_GATE,
+        RegistryConfig(uri=uri),
+        dataset_dir=dataset_dir,
+        model_dir=good_model,
+        out_dir=tmp_path / "eval",
+    )
+    source = metrics["champion"]["source"]
+    assert metrics["champion"]["accuracy"] == 0.5
+    assert source.startswith("recorded metrics.json accuracy (it could not be re-evaluated")
+    assert "model.safetensors missing or not matching the sha256" in source
+
+
+def test_alias_to_an_incomplete_version_fails(
+    good_model: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "registry")
+    version = _publish(uri, good_model, {"accuracy": 0.5})
+    (tmp_path / "registry" / "models" / "digits" / str(version) / "READY").unlink()
+    with pytest.raises(RegistryError, match=f"version {version}, which has no READY marker"):
+        evaluate.run(
+            OPEN_GATE,
+            RegistryConfig(uri=uri),
+            dataset_dir=dataset_dir,
+            model_dir=good_model,
+            out_dir=tmp_path / "eval",
+        )
 
 
 def test_model_for_other_classes_is_rejected(good_model: Path, tmp_path: Path) -> None:
@@ -215,7 +234,7 @@ def test_champion_from_s3_registry(
     s3_env: dict[str, str],
     s3_uri: str,
 ) -> None:
-    _publish(s3_uri, good_model, 1, {"accuracy": 0.0})
+    _publish(s3_uri, good_model, {"accuracy": 0.0})
     metrics = evaluate.run(
         OPEN_GATE,
         RegistryConfig(uri=s3_uri),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import io
@@ -17,14 +16,10 @@ import pytest
 from PIL import Image
 
 from imgclf.config import IngestConfig, SplitRatios, to_dict
+from imgclf.contracts import MANIFEST_COLUMNS, compute_dataset_hash, read_manifest
 from imgclf.errors import ConfigError, DataError
 from imgclf.steps import ingest
-from imgclf.steps.ingest import MANIFEST_COLUMNS, split_counts
-
-
-def read_manifest(dataset: Path) -> list[dict[str, str]]:
-    with open(dataset / "manifest.csv", encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+from imgclf.steps.ingest import split_counts
 
 
 def split_of(rows: list[dict[str, str]]) -> dict[str, str]:
@@ -182,7 +177,7 @@ def test_manifest_dataset_json_and_config_follow_the_contract(
     assert dataset == summary
     lines = sorted(f"{r['path']},{r['label']},{r['split']},{r['sha256']}" for r in rows)
     assert dataset["hash"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    assert dataset["hash"] == ingest.dataset_hash(rows)
+    assert dataset["hash"] == compute_dataset_hash(rows)
     assert {k: dataset[k] for k in ("image_format", "seed", "split", "source")} == {
         "image_format": "png",
         "seed": 42,

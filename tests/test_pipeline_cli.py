@@ -17,9 +17,16 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from imgclf.cli import main
 from imgclf.errors import ConfigError
-from imgclf.kfp import client as kc
+from imgclf.kfp import RunFailed
+from imgclf.kfp.client import DEFAULT_PIPELINE_NAME
+from imgclf.kfp.connection import DEFAULT_HOST, resolve_connection
+from imgclf.kfp.cron import validate_cron
+from imgclf.kfp.local import run_local
+from imgclf.kfp.package import DEFAULT_PACKAGE, load_package
+from imgclf.kfp.params import parse_params, parse_timestamp, pipeline_parameters
 from kfp_api_double import KfpApiDouble
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TOKEN = "tok-3f9a-do-not-print"
 BASE = "python:3.11-slim"
 
@@ -106,12 +113,12 @@ def body_of(api: KfpApiDouble, method: str, path: str) -> Any:
     ],
 )
 def test_validate_cron_accepts(expr: str, normalised: str) -> None:
-    assert kc.validate_cron(expr) == normalised
+    assert validate_cron(expr) == normalised
 
 
 def test_validate_cron_five_fields_shows_six_field_form() -> None:
     with pytest.raises(ConfigError) as err:
-        kc.validate_cron("0 2 * * *")
+        validate_cron("0 2 * * *")
     assert str(err.value) == (
         '--cron "0 2 * * *" has 5 fields; KFP expects 6 (seconds first): "0 0 2 * * *"'
     )
@@ -142,61 +149,61 @@ def test_validate_cron_five_fields_shows_six_field_form() -> None:
 )
 def test_validate_cron_rejects(expr: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match="--cron") as err:
-        kc.validate_cron(expr)
+        validate_cron(expr)
     assert fragment in str(err.value)
 
 
 def test_parse_params_types_values_from_the_pipeline_spec(package: Path) -> None:
-    spec = kc.load_package(package)
-    params = kc.parse_params(["epochs=3", "lr=5e-4", "source=2024", "flag=true"], spec)
+    spec = load_package(package)
+    params = parse_params(["epochs=3", "lr=5e-4", "source=2024", "flag=true"], spec)
     assert params == {"epochs": 3, "lr": 0.0005, "source": "2024", "flag": True}
     assert type(params["epochs"]) is int and type(params["lr"]) is float
     with pytest.raises(ConfigError, match=r"no such input \(inputs: epochs, flag, lr, source\)"):
-        kc.parse_params(["epoch=3"], spec)
+        parse_params(["epoch=3"], spec)
     with pytest.raises(ConfigError, match="epochs is NUMBER_INTEGER, expected an integer"):
-        kc.parse_params(["epochs=three"], spec)
+        parse_params(["epochs=three"], spec)
     with pytest.raises(ConfigError, match="expected true or false"):
-        kc.parse_params(["flag=maybe"], spec)
+        parse_params(["flag=maybe"], spec)
     with pytest.raises(ConfigError, match="expected key=value"):
-        kc.parse_params(["epochs"], spec)
-    assert kc.parse_params(["a=1", "b=x", "c=[1, 2]"]) == {"a": 1, "b": "x", "c": [1, 2]}
+        parse_params(["epochs"], spec)
+    assert parse_params(["a=1", "b=x", "c=[1, 2]"]) == {"a": 1, "b": "x", "c": [1, 2]}
 
 
 def test_load_package_rejects_what_is_not_a_pipeline(tmp_path: Path) -> None:
     not_spec = tmp_path / "values.yaml"
     not_spec.write_text("a: 1\n")
     with pytest.raises(ConfigError, match=r"values.yaml: not a compiled KFP pipeline"):
-        kc.load_package(not_spec)
+        load_package(not_spec)
     with pytest.raises(ConfigError, match="no such file"):
-        kc.load_package(tmp_path / "missing.yaml")
+        load_package(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"expected a compiled pipeline \.yaml"):
-        kc.load_package(tmp_path / "pipeline.json")
+        load_package(tmp_path / "pipeline.json")
 
 
 def test_resolve_connection_precedence_and_secrecy(tmp_path: Path) -> None:
     env = {"KFP_HOST": "http://kfp.example:8888/", "KFP_NAMESPACE": "team-a", "KFP_TOKEN": "t1"}
-    conn = kc.resolve_connection(env=env)
+    conn = resolve_connection(env=env)
     assert (conn.host, conn.namespace, conn.token) == ("http://kfp.example:8888", "team-a", "t1")
     assert "t1" not in repr(conn)
-    assert kc.resolve_connection("http://other:1", "ns", env=env).host == "http://other:1"
-    assert kc.resolve_connection(env={}).host == kc.DEFAULT_HOST
-    in_pod = kc.resolve_connection(env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert resolve_connection("http://other:1", "ns", env=env).host == "http://other:1"
+    assert resolve_connection(env={}).host == DEFAULT_HOST
+    in_pod = resolve_connection(env={"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
     assert in_pod.host is None and "in-cluster" in in_pod.where
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    assert kc.resolve_connection(token_file=token_file, env=env).token == "from-file"
+    assert resolve_connection(token_file=token_file, env=env).token == "from-file"
     token_file.write_text("\n")
     with pytest.raises(ConfigError, match="token: the file is empty"):
-        kc.resolve_connection(token_file=token_file, env=env)
+        resolve_connection(token_file=token_file, env=env)
     with pytest.raises(ConfigError, match="cannot read it"):
-        kc.resolve_connection(token_file=tmp_path / "nope", env=env)
+        resolve_connection(token_file=tmp_path / "nope", env=env)
 
 
 def test_parse_timestamp_is_rfc3339_utc() -> None:
-    assert kc.parse_timestamp("2025-01-31", "--start") == "2025-01-31T00:00:00Z"
-    assert kc.parse_timestamp("2025-01-31T03:00:00+01:00", "--end") == "2025-01-31T02:00:00Z"
+    assert parse_timestamp("2025-01-31", "--start") == "2025-01-31T00:00:00Z"
+    assert parse_timestamp("2025-01-31T03:00:00+01:00", "--end") == "2025-01-31T02:00:00Z"
     with pytest.raises(ConfigError, match="--start 'tomorrow'"):
-        kc.parse_timestamp("tomorrow", "--start")
+        parse_timestamp("tomorrow", "--start")
 
 
 # --------------------------------------------------------------------------------------
@@ -328,7 +335,7 @@ def test_run_wait_fails_when_the_run_does(
 ) -> None:
     api.run_script = ["RUNNING", final]
     code, _, err = cli(capsys, "run", "--package", str(package), "--wait", "--poll-interval", "0")
-    assert code == kc.RunFailed.exit_code != 0
+    assert code == RunFailed.exit_code != 0
     (run_id,) = api.runs
     (last,) = err.strip().splitlines()[-1:]
     assert last.startswith("imgclf pipeline: error: run ") and f"({run_id}) ended {final}" in last
@@ -572,15 +579,14 @@ def test_compile_and_run_the_training_pipeline(
     out_path = tmp_path / "compiled.yaml"
     code, out, _ = cli(capsys, "compile", "--out", str(out_path))
     assert code == 0 and f"compiled {out_path}" in out
-    spec = kc.load_package(out_path)
-    assert spec["pipelineInfo"]["name"] == kc.DEFAULT_PIPELINE_NAME
-    assert {"epochs", "lr", "source"} <= set(kc.pipeline_parameters(spec))
+    spec = load_package(out_path)
+    assert spec["pipelineInfo"]["name"] == DEFAULT_PIPELINE_NAME
+    assert {"epochs", "lr", "source"} <= set(pipeline_parameters(spec))
 
     monkeypatch.chdir(tmp_path)  # run without --package compiles to ./pipelines/...
-    code, out, _ = cli(
-        capsys, "run", "--param", "epochs=2", "--param", "lr=0.01", "--param", "source=2024"
-    )
-    assert code == 0 and f"compiled {kc.DEFAULT_PACKAGE}" in out
+    pairs = ["--param", "epochs=2", "--param", "lr=0.01", "--param", "source=2024"]
+    code, out, _ = cli(capsys, "run", "--params", str(PARAMS), *pairs)
+    assert code == 0 and f"compiled {DEFAULT_PACKAGE}" in out
     run = body_of(api, "POST", "/runs")
     assert run["runtime_config"]["parameters"] == {"epochs": 2, "lr": 0.01, "source": "2024"}
     # The cluster wiring (secrets, GPU node selector) travels as the platform spec beside it.
@@ -593,20 +599,45 @@ def test_compile_and_run_the_training_pipeline(
     assert uploaded == out_path.read_bytes()
 
 
+def test_compile_builds_the_pipeline_from_the_given_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"epochs": 3}}))
+    out_path = tmp_path / "custom.yaml"
+    assert cli(capsys, "compile", "--out", str(out_path), "--params", str(params))[0] == 0
+    inputs = load_package(out_path)["root"]["inputDefinitions"]["parameters"]
+    assert inputs["epochs"]["defaultValue"] == 3
+    assert cli(capsys, "compile", "--out", str(out_path))[0] == 0
+    inputs = load_package(out_path)["root"]["inputDefinitions"]["parameters"]
+    assert inputs["epochs"]["defaultValue"] != 3, "without --params: ./params.yaml"
+
+
+def test_missing_pipeline_entry_point_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("imgclf.cli.pipeline.entry_points", lambda **_select: ())
+    code, _, err = cli(capsys, "compile", "--out", str(tmp_path / "never.yaml"))
+    assert code == ConfigError.exit_code
+    (line,) = err.strip().splitlines()
+    assert "imgclf.pipelines entry points; reinstall with `pip install -e .`" in line
+    assert not (tmp_path / "never.yaml").exists()
+
+
 # --------------------------------------------------------------------------------------
 # --local: the same DAG through kfp.local's SubprocessRunner
 
 
 def test_run_local_executes_the_dag(tmp_path: Path) -> None:
     root = tmp_path / "kfp_root"
-    result = kc.run_local(local_pipeline, ["times=3", "text=xyz"], pipeline_root=root)
+    result = run_local(local_pipeline, ["times=3", "text=xyz"], pipeline_root=root)
     assert result["outputs"] == {"Output": 9}
     assert result["parameters"] == {"times": 3, "text": "xyz"}
     (written,) = root.glob("tiny-local-*/write/out")
     assert written.read_text() == "xyz" * 3
 
-    with pytest.raises(kc.RunFailed, match="local run of tiny-local failed"):
-        kc.run_local(local_pipeline, ["fail_above=1"], pipeline_root=root)
+    with pytest.raises(RunFailed, match="local run of tiny-local failed"):
+        run_local(local_pipeline, ["fail_above=1"], pipeline_root=root)
 
 
 def test_local_flag_refuses_remote_only_flags(

@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 import yaml
 from google.protobuf import json_format
+from kfp.dsl.graph_component import GraphComponent
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from imgclf import config
 from imgclf.errors import ConfigError
+from imgclf.kfp.package import compile_pipeline
 from imgclf.kfp.settings import ClusterSettings
 from pipelines import training_pipeline as tp
 
@@ -69,8 +71,8 @@ class Compiled:
         return self.spec["root"]["inputDefinitions"]["parameters"]
 
 
-def _compile(tmp_path: Path, pipeline: Any = None, name: str = "pipeline.yaml") -> Compiled:
-    path = tp.compile_pipeline(tmp_path / name, pipeline)
+def _compile(tmp_path: Path, pipeline: GraphComponent, name: str = "pipeline.yaml") -> Compiled:
+    path = compile_pipeline(pipeline, tmp_path / name)
     spec, platform = _documents(path)
     return Compiled(spec, platform)
 
@@ -104,8 +106,14 @@ def fresh_yaml(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
-    return _compile(tmp_path_factory.mktemp("pipeline"))
+def pipeline() -> GraphComponent:
+    """The pipeline built from the repository's params.yaml, as the committed YAML is."""
+    return tp.build_pipeline()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory, pipeline: GraphComponent) -> Compiled:
+    return _compile(tmp_path_factory.mktemp("pipeline"), pipeline)
 
 
 def _normalise_sdk_version(text: str) -> str:
@@ -124,13 +132,14 @@ def test_committed_yaml_is_fresh(fresh_yaml: str) -> None:
     )
 
 
-def test_compile_is_deterministic(tmp_path: Path) -> None:
-    first = tp.compile_pipeline(tmp_path / "a.yaml").read_text(encoding="utf-8")
-    assert tp.compile_pipeline(tmp_path / "b.yaml").read_text(encoding="utf-8") == first
+def test_compile_is_deterministic(tmp_path: Path, pipeline: GraphComponent) -> None:
+    first = compile_pipeline(pipeline, tmp_path / "a.yaml").read_text(encoding="utf-8")
+    again = compile_pipeline(tp.build_pipeline(), tmp_path / "b.yaml").read_text("utf-8")
+    assert again == first
 
 
-def test_compile_writes_only_the_target(tmp_path: Path) -> None:
-    path = tp.compile_pipeline(tmp_path / "sub" / "p.yaml")
+def test_compile_writes_only_the_target(tmp_path: Path, pipeline: GraphComponent) -> None:
+    path = compile_pipeline(pipeline, tmp_path / "sub" / "p.yaml")
     assert path == tmp_path / "sub" / "p.yaml"
     assert [p.name for p in path.parent.iterdir()] == ["p.yaml"]
 
@@ -172,7 +181,29 @@ def test_dag_order_and_conditions(compiled: Compiled) -> None:
     assert "evaluate-passed" in inner["condition-2"]["triggerPolicy"]["condition"]
     assert set(compiled.spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"deploy"}
     deploy_inputs = tasks["deploy"]["inputs"]["artifacts"]
-    assert set(deploy_inputs) == {"model", "evaluation"}
+    assert set(deploy_inputs) == {"trained_model", "evaluation"}
+    assert tasks["evaluate"]["inputs"]["artifacts"]["trained_model"]["taskOutputArtifact"] == {
+        "producerTask": "train",
+        "outputArtifactKey": "trained_model",
+    }
+
+
+def test_every_task_input_has_its_run_parameter_name(compiled: Compiled) -> None:
+    """A value keeps one name from the KFP UI to the component (``model`` is ``model``).
+
+    Inside a condition group KFP renames a pipeline input to ``pipelinechannel--<name>``;
+    outputs of other tasks (``dataset``, ``should_retrain``) are not run parameters.
+    """
+    run_parameters = set(compiled.parameters())
+    fed = set()
+    for task, spec in compiled.tasks().items():
+        if task.startswith("condition-"):
+            continue
+        for name, source in spec["inputs"].get("parameters", {}).items():
+            pipeline_input = source["componentInputParameter"].removeprefix("pipelinechannel--")
+            assert pipeline_input == name, f"{task}.{name} is fed by {pipeline_input}"
+            fed.add(name)
+    assert fed == run_parameters, "a run parameter feeds no task, or a task input none"
 
 
 def test_train_task_asks_for_a_gpu_node(compiled: Compiled) -> None:
@@ -360,10 +391,32 @@ def test_importing_the_pipeline_needs_no_heavy_library() -> None:
         "import sys, pipelines.training_pipeline as p; "
         "heavy = sorted(m for m in ('torch', 'torchvision', 'great_expectations', "
         "'imgclf.steps') if m in sys.modules); "
-        "assert not heavy, heavy; print(p.training_pipeline.name)"
+        "assert not heavy, heavy; print(p.PIPELINE_NAME)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imgclf-training"
+
+
+def test_importing_the_pipeline_reads_no_repository_file() -> None:
+    """params.yaml is read by :func:`build_pipeline` when called, never at import.
+
+    Python's audit hook sees every ``open``; the import's own source files are left out.
+    """
+    code = (
+        "import sys; from pathlib import Path; opened = []; "
+        "sys.addaudithook(lambda event, args: opened.append(args[0]) "
+        "if event == 'open' and isinstance(args[0], str) else None); "
+        "import pipelines.training_pipeline; "
+        f"repo = Path({str(REPO)!r}); venv = Path(sys.prefix).resolve(); "
+        "paths = {Path(p).resolve() for p in opened}; "
+        "print(sorted(str(p) for p in paths if p.is_relative_to(repo) "
+        "and not p.is_relative_to(venv) and p.suffix not in ('.py', '.pyc')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -23,10 +23,21 @@ import pytest
 import yaml
 from kfp import dsl
 
-from _tiny_dataset import pattern_image
+from _dataset_factory import pattern_image
 from imgclf import cli
-from imgclf.kfp import client as kc
+from imgclf.kfp import RunFailed
+from imgclf.kfp.local import (
+    DEFAULT_LOCAL_REGISTRY,
+    DEFAULT_LOCAL_ROOT,
+    LOCAL_PATH_PARAMS,
+    TRAINING_TASKS,
+    TaskEvent,
+    absolute_local_path,
+    executor_tasks,
+    run_local,
+)
 from imgclf.registry import ModelRegistry
+from pipelines.training_pipeline import build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -104,16 +115,16 @@ class Runs:
 
     @property
     def root(self) -> Path:
-        return self.home / kc.DEFAULT_LOCAL_ROOT
+        return self.home / DEFAULT_LOCAL_ROOT
 
     @property
     def registry(self) -> Path:
-        return self.home / kc.DEFAULT_LOCAL_REGISTRY
+        return self.home / DEFAULT_LOCAL_REGISTRY
 
     def run(self, label: str, *extra: str) -> CliResult:
         """``imgclf pipeline run --local`` with the tiny settings, from the workspace."""
         params = [f"--param={p}" for p in [*_pipeline_pairs(self.source), *extra]]
-        self.results[label] = _cli("pipeline", "run", "--local", *params)
+        self.results[label] = _cli("pipeline", "run", "--local", "--params", str(PARAMS), *params)
         return self.results[label]
 
     def run_dir(self, label: str) -> Path:
@@ -152,20 +163,20 @@ def test_relative_local_paths_become_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    keywords = kc.LOCAL_PATH_PARAMS["pretrained"]
-    assert kc.absolute_local_path("data") == str(tmp_path / "data")
-    assert kc.absolute_local_path("../w.pt", keywords) == str(tmp_path.parent / "w.pt")
+    keywords = LOCAL_PATH_PARAMS["pretrained"]
+    assert absolute_local_path("data") == str(tmp_path / "data")
+    assert absolute_local_path("../w.pt", keywords) == str(tmp_path.parent / "w.pt")
     for kept in ("sample:digits", "s3://bucket/registry", "file:///srv/images", "", "/abs"):
-        assert kc.absolute_local_path(kept) == kept
-    assert kc.absolute_local_path("imagenet", keywords) == "imagenet"
-    assert kc.absolute_local_path("none", keywords) == "none"
+        assert absolute_local_path(kept) == kept
+    assert absolute_local_path("imagenet", keywords) == "imagenet"
+    assert absolute_local_path("none", keywords) == "none"
 
 
 def test_training_tasks_in_execution_order() -> None:
     from google.protobuf import json_format
 
-    spec = json_format.MessageToDict(kc.training_pipeline().pipeline_spec)
-    assert kc.executor_tasks(spec) == list(kc.TRAINING_TASKS)
+    spec = json_format.MessageToDict(build_pipeline(PARAMS).pipeline_spec)
+    assert executor_tasks(spec) == list(TRAINING_TASKS)
 
 
 @dsl.component(base_image="python:3.11")
@@ -189,9 +200,9 @@ def _gated(go: bool = True) -> None:
 @pytest.mark.parametrize("go", [True, False])
 def test_condition_on_a_named_output_runs_locally(tmp_path: Path, go: bool) -> None:
     """kfp.local alone skips such a branch always; run_local must follow the output."""
-    events: list[kc.TaskEvent] = []
+    events: list[TaskEvent] = []
     echo = io.StringIO()
-    result = kc.run_local(
+    result = run_local(
         _gated,
         [f"go={str(go).lower()}"],
         pipeline_root=tmp_path,
@@ -213,15 +224,15 @@ def test_failed_task_is_named_with_its_error(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     result = _cli("pipeline", "run", "--local", "--param", "source=no-such-folder")
-    assert result.code == kc.RunFailed.exit_code
+    assert result.code == RunFailed.exit_code
     assert "failed in task ingest: imgclf.errors.DataError: ingest.source" in result.err
     assert str(tmp_path / "no-such-folder") in result.err  # made absolute before the run
     assert "[ingest]        FAILED" in result.out
-    for task in kc.TRAINING_TASKS[1:]:
+    for task in TRAINING_TASKS[1:]:
         assert f"[{task}]".ljust(15) + " skipped (an upstream task failed)" in result.out
-    (log,) = (tmp_path / kc.DEFAULT_LOCAL_ROOT).glob("imgclf-training-*/run.log")
+    (log,) = (tmp_path / DEFAULT_LOCAL_ROOT).glob("imgclf-training-*/run.log")
     assert "does not exist" in log.read_text(encoding="utf-8")
-    assert not (tmp_path / kc.DEFAULT_LOCAL_REGISTRY).exists()
+    assert not (tmp_path / DEFAULT_LOCAL_REGISTRY).exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -232,14 +243,14 @@ def test_failed_task_is_named_with_its_error(
 def test_first_run_trains_evaluates_and_deploys(runs: Runs, first: CliResult) -> None:
     assert first.code == 0, first.err + first.out
     out = first.out
-    for task in kc.TRAINING_TASKS:
+    for task in TRAINING_TASKS:
         assert f"[{task}]" in out and "running" in out
     finished = [
         line.split()[0]
         for line in out.splitlines()
         if line.startswith("[") and " SUCCEEDED in " in line
     ]
-    assert finished == [f"[{task}]" for task in kc.TRAINING_TASKS], out
+    assert finished == [f"[{task}]" for task in TRAINING_TASKS], out
     assert "training the first model" in out
     assert "test accuracy:" in out and "quality gate:   passed" in out
     assert "digits production -> version 1 (promoted)" in out
@@ -257,9 +268,9 @@ def test_first_run_trains_evaluates_and_deploys(runs: Runs, first: CliResult) ->
         "validate/report/report.json",
         "validate/data_docs",
         "check-retrain/executor_output.json",
-        "train/model/model.safetensors",
-        "train/model/model.pt2",
-        "train/model/model.json",
+        "train/trained_model/model.safetensors",
+        "train/trained_model/model.pt2",
+        "train/trained_model/model.json",
         "evaluate/evaluation/metrics.json",
         "evaluate/model_card",
         "deploy/inference_service",
@@ -269,7 +280,7 @@ def test_first_run_trains_evaluates_and_deploys(runs: Runs, first: CliResult) ->
     assert missing == []
     manifest = yaml.safe_load((run_dir / "deploy" / "inference_service").read_text())
     assert manifest["kind"] == "InferenceService"
-    model_json = json.loads((run_dir / "train/model/model.json").read_text())
+    model_json = json.loads((run_dir / "train/trained_model/model.json").read_text())
     dataset_json = json.loads((run_dir / "ingest/dataset/dataset.json").read_text())
     assert model_json["architecture"] == "simple_cnn"
     assert model_json["dataset_hash"] == dataset_json["hash"]
@@ -305,7 +316,7 @@ def test_force_retrains_unchanged_data(runs: Runs, second: CliResult) -> None:
     assert forced.code == 0, forced.err + forced.out
     assert "retraining forced on dataset" in forced.out
     run_dir = runs.run_dir("forced")
-    assert (run_dir / "train/model/model.safetensors").is_file()
+    assert (run_dir / "train/trained_model/model.safetensors").is_file()
     assert (run_dir / "evaluate/evaluation/metrics.json").is_file()
     # Same data, same seed: the same weights, which the alias already holds; no new version.
     assert "digits production -> version 1 (promoted)" in forced.out

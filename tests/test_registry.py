@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _model_factory import build_model_dir
+from imgclf import contracts
 from imgclf.cli import main
+from imgclf.contracts import model_dir_checksums
 from imgclf.errors import RegistryError
-from imgclf.fsutil import sha256_file
+from imgclf.fsutil import read_json, sha256_file
 from imgclf.registry import ModelRegistry
 from imgclf.storage import LocalStore
 
@@ -54,6 +57,10 @@ class RecordingStore:
     def upload_file(self, path: Path, key: str) -> None:
         self.calls.append(("upload_file", key))
         self.inner.upload_file(path, key)
+
+    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+        self.calls.append(("upload_tree", prefix))
+        return self.inner.upload_tree(local_dir, prefix)
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
         self.calls.append(("delete", key_or_prefix))
@@ -115,6 +122,8 @@ def test_hidden_files_are_not_published(reg: ModelRegistry, models: list[Path]) 
     (models[0] / ".model.json.tmp").write_text("half a file")
     reg.publish(NAME, models[0], METRICS, LINEAGE)
     assert ".model.json.tmp" not in reg.get(NAME, 1).files
+    assert not reg.store.exists("models/digits/1/model/.model.json.tmp")
+    assert reg.store.exists("models/digits/1/model/model.json")
 
 
 def test_incomplete_version_is_invisible_and_its_number_not_reused(
@@ -177,6 +186,56 @@ def test_publish_writes_ready_last(tmp_path: Path, models: list[Path]) -> None:
     assert keys[0] == "models/digits/1/CLAIM"
     assert keys[-1] == "models/digits/1/READY"
     assert "models/digits/1/lineage.json" in keys and "models/digits/1/metrics.json" in keys
+    # the model dir goes up as one tree (parallel on S3), not file by file
+    assert ("upload_tree", "models/digits/1/model") in recording.calls
+    assert not [call for call in recording.calls if call[0] == "upload_file"]
+
+
+def test_publish_reuses_the_callers_checksums(
+    reg: ModelRegistry, models: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checksums = model_dir_checksums(models[0])
+    monkeypatch.setattr(contracts, "sha256_file", _no_hashing)
+    reg.publish(NAME, models[0], METRICS, LINEAGE, checksums=checksums)
+    assert reg.get(NAME, 1).files == checksums
+    assert reg.get(NAME, 1).model_sha256 == checksums["model.safetensors"]
+
+
+def _no_hashing(path: Any) -> str:
+    raise AssertionError(f"{path} hashed again")
+
+
+def test_champion_is_what_the_alias_serves(reg: ModelRegistry, models: list[Path]) -> None:
+    assert reg.champion(NAME) is None
+    reg.publish(NAME, models[0], METRICS, LINEAGE)
+    reg.publish(NAME, models[1], {"accuracy": 0.5}, {})
+    reg.promote(NAME, 1)
+    champion = reg.champion(NAME)
+    assert champion is not None
+    assert (champion.version, champion.metrics, champion.dataset_hash) == (1, METRICS, "d" * 64)
+    assert champion.model_json == read_json(models[0] / "model.json")
+
+    reg.promote(NAME, 2)
+    champion = reg.champion(NAME)
+    assert champion is not None and (champion.version, champion.dataset_hash) == (2, None)
+    with pytest.raises(FrozenInstanceError):
+        champion.version = 1  # type: ignore[misc]
+
+
+def test_champion_of_an_incomplete_or_malformed_alias_is_an_error(
+    reg: ModelRegistry, models: list[Path]
+) -> None:
+    reg.publish(NAME, models[0], METRICS, LINEAGE)
+    reg.promote(NAME, 1)
+    reg.store.delete("models/digits/1/READY")
+    with pytest.raises(RegistryError, match=r"production\.json points at version 1, which has no"):
+        reg.champion(NAME)
+    reg.store.write_bytes("models/digits/aliases/production.json", b'{"version": "one"}')
+    with pytest.raises(RegistryError, match=r"production\.json: expected \{'version': N\}"):
+        reg.champion(NAME)
+    reg.store.write_bytes("models/digits/aliases/production.json", b"{not json")
+    with pytest.raises(RegistryError, match=r"production\.json: not valid JSON"):
+        reg.champion(NAME)
 
 
 def test_promote_and_rollback_walk_history(reg: ModelRegistry, models: list[Path]) -> None:

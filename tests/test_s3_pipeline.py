@@ -30,19 +30,19 @@ import numpy as np
 import pytest
 import yaml
 
+from _dataset_factory import pattern_image
 from _model_factory import build_model_dir
 from _repo_copy import REPO, TINY_TRAIN, clone_repo, sh
-from _tiny_dataset import pattern_image
 from imgclf.config import IngestConfig
 from imgclf.data.sources import SourceOptions, materialize_source, open_source
 from imgclf.data.versioned import pull_blocker
-from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer, free_ports
+from imgclf.dev import S3ServerInfo, SeaweedServer, free_ports
 from imgclf.errors import ConfigError, DataError, StorageError
 from imgclf.registry import ModelRegistry
 from imgclf.steps import ingest
 from imgclf.storage import Store
 from imgclf.storage.s3 import S3Store, make_client
-from imgclf.storage.s3config import S3Settings
+from imgclf.storage.s3config import ENDPOINT_VARS, S3Settings
 from imgclf.storage.staging import MARKER, local_input
 from s3_server import delete_bucket
 
@@ -55,7 +55,7 @@ DVC_BUCKET = "imgclf-dvc"  # the bucket of the committed `minio` remote (.dvc/co
 
 
 def write_raw_tree(root: Path, *, per_class: int, size: int = 16, seed: int = 0) -> Path:
-    """``<class>/<n>.png`` for three learnable classes (see _tiny_dataset), as raw input."""
+    """``<class>/<n>.png`` for three learnable classes (see _dataset_factory), as raw input."""
     rng = np.random.default_rng(seed)
     for index, label in enumerate(("p0", "p1", "p2")):
         folder = root / label
@@ -102,23 +102,22 @@ def s3_cli_env(server: S3ServerInfo, **extra: str) -> dict[str, str]:
     return {**server.env(), **extra}
 
 
-class StopServerAfterUploads:
-    """A Store that takes the real S3 server down after ``uploads`` file uploads went through.
+class StopServerAfterTreeUpload:
+    """A Store that takes the real S3 server down once a tree upload went through.
 
     Everything else is passed to the wrapped store, so the registry publishes for real until
-    the server is gone: an outage in the middle of a publish, at a chosen point.
+    the server is gone: an outage in the middle of a publish, after the model files landed
+    and before its metrics, lineage and READY marker.
     """
 
-    def __init__(self, store: Store, server: SeaweedServer, uploads: int) -> None:
+    def __init__(self, store: Store, server: SeaweedServer) -> None:
         self.inner = store
         self.server = server
-        self.remaining = uploads
 
-    def upload_file(self, path: Path, key: str) -> None:
-        if self.remaining == 0:
-            self.server.stop()
-        self.remaining -= 1
-        self.inner.upload_file(path, key)
+    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+        keys = self.inner.upload_tree(local_dir, prefix)
+        self.server.stop()
+        return keys
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -132,9 +131,7 @@ def test_s3_source_reads_trees_and_archives_like_local_ones(
     s3_env: dict[str, str],
     s3_bucket: str,
     s3_settings: S3Settings,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # no params.yaml here: settings come from the environment
     raw = write_raw_tree(tmp_path / "raw", per_class=4)
     store = S3Store(s3_bucket, "", s3_settings)
     store.upload_tree(raw, "flat")
@@ -179,7 +176,6 @@ def test_s3_source_errors_name_the_uri_never_the_secret(
     s3_settings: S3Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     store = S3Store(s3_bucket, "", s3_settings)
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w:gz") as tf:
@@ -472,7 +468,7 @@ def test_server_down_mid_publish_leaves_production_alone_and_a_retry_succeeds(
     reg.promote("digits", 1)
     second = build_model_dir(tmp_path / "m2", seed=2)
 
-    flaky = ModelRegistry(StopServerAfterUploads(store, s3_server_process, uploads=1))
+    flaky = ModelRegistry(StopServerAfterTreeUpload(store, s3_server_process))
     try:
         with pytest.raises(StorageError) as err:
             flaky.publish("digits", second, {"accuracy": 0.95}, {})
@@ -535,3 +531,47 @@ def test_cli_fails_fast_on_one_line_without_the_secret(
     for secret in (s3_server.secret_key, wrong_secret):
         assert secret not in res.stderr + res.stdout
     assert not (tmp_path / "dataset").exists()
+
+
+def test_params_file_named_on_the_command_line_gives_the_s3_settings_from_any_directory(
+    tmp_path: Path, s3_server: S3ServerInfo, s3_bucket: str, s3_settings: S3Settings
+) -> None:
+    # The endpoint is only in other.yaml; the working directory's params.yaml names a dead one
+    # and the environment names none, so the command works only if --params reaches S3.
+    raw = write_raw_tree(tmp_path / "raw", per_class=4)
+    S3Store(s3_bucket, "", s3_settings).upload_tree(raw, "raw")
+    other = tmp_path / "conf" / "other.yaml"
+    other.parent.mkdir()
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "s3": {"endpoint": s3_server.endpoint, "timeout": 5},
+                "registry": {"uri": (uri := f"s3://{s3_bucket}/registry")},
+            }
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dead_endpoint = _unused_endpoint()
+    (elsewhere / "params.yaml").write_text(yaml.safe_dump({"s3": {"endpoint": dead_endpoint}}))
+    env = {k: v for k, v in s3_server.env().items() if k not in ENDPOINT_VARS}
+
+    listed = sh(elsewhere, "imgclf", "--params", str(other), "registry", "list", "--json", env=env)
+    assert json.loads(listed.stdout) == []
+    ingested = sh(
+        elsewhere,
+        "imgclf",
+        "ingest",
+        "--params",
+        str(other),
+        "--source",
+        f"s3://{s3_bucket}/raw",
+        "--out",
+        str(tmp_path / "dataset"),
+        env=env,
+    )
+    assert json.loads(ingested.stdout)["num_images"] == 12
+
+    # without --params the default is the working directory's params.yaml
+    dead = sh(elsewhere, "imgclf", "registry", "list", "--registry", uri, check=False, env=env)
+    assert dead.returncode != 0 and dead_endpoint in dead.stderr, dead.stderr

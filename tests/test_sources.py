@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgclf.data.archive import extract_archive
+from imgclf.data.layout import find_images
 from imgclf.data.sources import (
     SOURCES,
     HttpSource,
@@ -22,8 +24,6 @@ from imgclf.data.sources import (
     SampleSource,
     Source,
     SourceOptions,
-    extract_archive,
-    find_images,
     materialize_source,
     open_source,
     redact_uri,

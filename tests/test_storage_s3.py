@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.dev.seaweed import S3ServerInfo, SeaweedServer, free_ports
+from imgclf.dev import S3ServerInfo, SeaweedServer, free_ports
 from imgclf.errors import ConfigError, StorageError
 from imgclf.fsutil import sha256_file
 from imgclf.storage import is_published, open_store, publish_tree
@@ -98,9 +98,8 @@ def test_open_store_uses_env_and_creates_bucket_on_first_write(
     s3_env: dict[str, str],
     s3_settings: S3Settings,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # no params.yaml: settings come from the environment only
+    # run from the repository root on purpose: its params.yaml is not read below the CLI
     bucket = new_bucket_name("ondemand")
     store = open_store(f"s3://{bucket}/pre/fix")
     assert isinstance(store, S3Store)
@@ -262,7 +261,7 @@ def test_persistent_failures_give_up_with_a_clear_error(
 
 
 class BackoffClock:
-    """Stands in for ``time`` inside imgclf.storage.s3: sleeps advance the clock at once.
+    """Stands in for ``time`` inside imgclf.storage.s3client: sleeps advance the clock at once.
 
     The retry loop's budget is then checked on what it decided to wait, not on how fast this
     machine happens to be; real time still passes for the connection attempts themselves.
@@ -293,7 +292,7 @@ def test_unreachable_endpoint_fails_within_the_timeout(
         retries=retries,
     )
     clock = BackoffClock()
-    monkeypatch.setattr("imgclf.storage.s3.time", clock)
+    monkeypatch.setattr("imgclf.storage.s3client.time", clock)
     with pytest.raises(StorageError) as err:
         S3Store("some-bucket", "p", settings).list()
     assert clock.slept, "a refused connection is retried"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny_dataset import build_tiny_dataset
+from _dataset_factory import build_tiny_dataset
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError, DataError
 from imgclf.steps import train
@@ -141,7 +141,7 @@ def test_failed_run_leaves_previous_output(dataset_dir: Path, tmp_path: Path) ->
 
 
 def test_missing_dataset_is_a_data_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"dataset\.json: missing"):
+    with pytest.raises(DataError, match=r"dataset\.json: not found"):
         train.run(TINY, dataset_dir=tmp_path / "nothing", out_dir=tmp_path / "model")
 
 

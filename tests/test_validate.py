@@ -20,6 +20,7 @@ from imgclf.config import ValidateConfig, to_dict
 from imgclf.errors import ConfigError, DataError, ValidationFailed
 from imgclf.fsutil import read_json
 from imgclf.steps import validate
+from imgclf.steps.validate_suite import build_frames
 
 EXPECTED_NAMES = [
     "columns_match_contract",
@@ -81,8 +82,8 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (dataset / TRUNCATED).write_bytes(jpeg[: len(jpeg) // 2])
     (dataset / EMPTY).write_bytes(b"")
     shutil.copyfile(dataset / LEAK_SOURCE, dataset / LEAK_COPY)
-    rows = {r["path"]: r for r in write_manifest(dataset)}
-    assert rows[TRUNCATED]["error"] and rows[EMPTY]["error"], "defects must be in the manifest"
+    rows = {r.path: r for r in write_manifest(dataset)}
+    assert rows[TRUNCATED].error and rows[EMPTY].error, "defects must be in the manifest"
     # Relative paths, as the CLI passes them; the cwd must end up holding only those two.
     result = _run(ValidateConfig(), Path("dataset"), Path("out"), root)
     return {"result": result, "out": root / "out", "cwd": root}
@@ -300,7 +301,7 @@ def test_derived_frames_count_splits_per_hash_and_empty_groups() -> None:
             "sha256": ["h1", "h1", "h2"],
         }
     )
-    frames = validate.build_frames(manifest)
+    frames = build_frames(manifest)
     assert frames["files_across_splits"]["splits_sharing_sha256"].tolist() == [2, 2, 1]
     counts = frames["class_counts"].set_index("group")["count"].to_dict()
     assert counts == {

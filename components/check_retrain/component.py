@@ -32,14 +32,10 @@ def check_retrain(
     """
     from pathlib import Path
 
-    from imgclf import config
+    from imgclf.kfp.components import registry_config
     from imgclf.registry.retrain import should_retrain
 
-    registry = config.build(
-        config.RegistryConfig,
-        {"uri": registry_uri, "model_name": model_name, "alias": registry_alias},
-        "component:check_retrain",
-    )
+    registry = registry_config(registry_uri, model_name, registry_alias, "check_retrain")
     decision, reason = should_retrain(Path(dataset.path), registry, force)
     print(reason)
     return decision, reason

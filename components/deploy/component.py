@@ -10,7 +10,7 @@ from components._image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def deploy(
-    model: Input[Model],
+    trained_model: Input[Model],
     evaluation: Input[Artifact],
     inference_service: Output[Artifact],
     namespace: str,
@@ -24,7 +24,7 @@ def deploy(
     """Run ``imgclf.steps.deploy`` and hand back the InferenceService to apply.
 
     Args:
-        model: Model dir written by the train component.
+        trained_model: Model dir written by the train component.
         evaluation: Evaluation dir written by the evaluate component (its ``passed`` flag).
         inference_service: Output KServe InferenceService YAML serving the version the alias
             holds afterwards (``kubectl apply -f`` it); metadata has the ``deploy.json`` fields.
@@ -46,6 +46,7 @@ def deploy(
     from pathlib import Path
 
     from imgclf import config
+    from imgclf.kfp.components import registry_config
     from imgclf.steps import deploy as step
 
     cfg = config.build(
@@ -58,17 +59,13 @@ def deploy(
         },
         "component:deploy",
     )
-    registry = config.build(
-        config.RegistryConfig,
-        {"uri": registry_uri, "model_name": model_name, "alias": registry_alias},
-        "component:deploy",
-    )
+    registry = registry_config(registry_uri, model_name, registry_alias, "deploy")
     with tempfile.TemporaryDirectory(prefix="imgclf-deploy-") as tmp:
         out_dir = Path(tmp) / "deploy"
         result = step.run(
             cfg,
             registry,
-            model_dir=Path(model.path),
+            model_dir=Path(trained_model.path),
             eval_dir=Path(evaluation.path),
             out_dir=out_dir,
         )

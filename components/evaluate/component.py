@@ -20,7 +20,7 @@ from components._image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
     dataset: Input[Dataset],
-    model: Input[Model],
+    trained_model: Input[Model],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     confusion_matrix: Output[ClassificationMetrics],
@@ -28,7 +28,7 @@ def evaluate(
     min_accuracy: float,
     max_regression: float,
     top_k: int,
-    batch_size: int,
+    eval_batch_size: int,
     registry_uri: str,
     model_name: str,
     registry_alias: str,
@@ -37,7 +37,7 @@ def evaluate(
 
     Args:
         dataset: Dataset dir; its test split is evaluated.
-        model: Model dir written by the train component.
+        trained_model: Model dir written by the train component.
         evaluation: Output evaluation dir: ``metrics.json``, ``confusion.csv``,
             ``confusion_matrix.json`` and ``model_card.md`` (deploy reads it).
         metrics: Output scalar metrics: accuracy, loss, top-k accuracy, macro F1.
@@ -46,7 +46,7 @@ def evaluate(
         min_accuracy: Lowest test accuracy a model may have to be deployed.
         max_regression: Largest accuracy drop allowed against the production model.
         top_k: k of the reported top-k accuracy.
-        batch_size: Images per evaluation batch.
+        eval_batch_size: Images per evaluation batch.
         registry_uri: Model registry location, where the production champion is read.
         model_name: Registry name of the model.
         registry_alias: Alias of the champion version (``production``).
@@ -60,6 +60,7 @@ def evaluate(
 
     from imgclf import config
     from imgclf.fsutil import read_json
+    from imgclf.kfp.components import log_scalar_metrics, registry_config
     from imgclf.steps import evaluate as step
 
     cfg = config.build(
@@ -68,28 +69,28 @@ def evaluate(
             "min_accuracy": min_accuracy,
             "max_regression": max_regression,
             "top_k": top_k,
-            "batch_size": batch_size,
+            "batch_size": eval_batch_size,
         },
         "component:evaluate",
     )
-    registry = config.build(
-        config.RegistryConfig,
-        {"uri": registry_uri, "model_name": model_name, "alias": registry_alias},
-        "component:evaluate",
-    )
+    registry = registry_config(registry_uri, model_name, registry_alias, "evaluate")
     out_dir = Path(evaluation.path)
     result = step.run(
-        cfg, registry, dataset_dir=Path(dataset.path), model_dir=Path(model.path), out_dir=out_dir
+        cfg,
+        registry,
+        dataset_dir=Path(dataset.path),
+        model_dir=Path(trained_model.path),
+        out_dir=out_dir,
     )
 
     passed, accuracy = bool(result["passed"]), float(result["accuracy"])
     evaluation.metadata.update(
         {"passed": passed, "reasons": result["reasons"], "champion": result["champion"]}
     )
-    for key in ("accuracy", "loss", "top_k_accuracy", "macro_f1"):
-        value = result.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
+    log_scalar_metrics(
+        metrics,
+        {key: result.get(key) for key in ("accuracy", "loss", "top_k_accuracy", "macro_f1")},
+    )
     matrix = read_json(out_dir / "confusion_matrix.json")
     confusion_matrix.log_confusion_matrix(matrix["classes"], matrix["matrix"])
     shutil.copyfile(out_dir / "model_card.md", model_card.path)

@@ -14,7 +14,7 @@ def ingest(
     split_train: float,
     split_val: float,
     split_test: float,
-    seed: int,
+    split_seed: int,
     image_format: str,
 ):
     """Run ``imgclf.steps.ingest`` and publish its dataset dir as a Dataset artifact.
@@ -28,7 +28,7 @@ def ingest(
         split_train: Fraction of each class that goes to the train split.
         split_val: Fraction of each class that goes to the validation split.
         split_test: Fraction of each class that goes to the test split.
-        seed: Seed of the split shuffle, so a rerun assigns every image the same split.
+        split_seed: Seed of the split shuffle, so a rerun assigns every image the same split.
         image_format: Format the normalised images are written in (``png``).
     """
     from pathlib import Path
@@ -42,7 +42,7 @@ def ingest(
             "source": source,
             "image_size": image_size,
             "split": {"train": split_train, "val": split_val, "test": split_test},
-            "seed": seed,
+            "seed": split_seed,
             "image_format": image_format,
         },
         "component:ingest",

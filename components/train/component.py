@@ -9,12 +9,12 @@ from components._image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
     dataset: Input[Dataset],
-    model: Output[Model],
+    trained_model: Output[Model],
     metrics: Output[Metrics],
-    architecture: str,
+    model: str,
     pretrained: str,
     freeze_backbone: bool,
-    image_size: int,
+    train_image_size: int,
     augment: str,
     epochs: int,
     batch_size: int,
@@ -24,7 +24,7 @@ def train(
     weight_decay: float,
     scheduler: str,
     patience: int,
-    seed: int,
+    train_seed: int,
     device: str,
     num_workers: int,
     threads: int,
@@ -34,14 +34,14 @@ def train(
 
     Args:
         dataset: Validated dataset dir written by the ingest component.
-        model: Output model dir: ``model.safetensors``, the ``model.pt2`` serving export,
-            ``model.json`` (classes, input size, normalisation, dataset hash) and
+        trained_model: Output model dir: ``model.safetensors``, the ``model.pt2`` serving
+            export, ``model.json`` (classes, input size, normalisation, dataset hash) and
             ``history.csv``.
         metrics: Output best validation accuracy and loss and the number of epochs run.
-        architecture: torchvision classifier name (``resnet18``, ...) or ``simple_cnn``.
+        model: torchvision classifier name (``resnet18``, ...) or ``simple_cnn``.
         pretrained: ``none``, ``imagenet``, or a path or ``s3://`` URI of a weights file.
         freeze_backbone: Train only the new head (transfer learning with a frozen backbone).
-        image_size: Side in pixels the images are resized to.
+        train_image_size: Side in pixels the images are resized to (the model's input).
         augment: Training augmentation preset: ``none``, ``light`` or ``strong``.
         epochs: Most epochs to train (early stopping may end sooner).
         batch_size: Images per training batch.
@@ -51,7 +51,7 @@ def train(
         weight_decay: Weight decay of the optimizer.
         scheduler: Learning-rate schedule (``onecycle``, ...).
         patience: Epochs without validation-loss improvement before stopping early.
-        seed: Seed of weight init, shuffling and augmentation.
+        train_seed: Seed of weight init, shuffling and augmentation.
         device: ``auto`` (the GPU when the pod has one), ``cuda`` or ``cpu``.
         num_workers: DataLoader worker processes.
         threads: CPU threads for torch (0: torch's default).
@@ -60,15 +60,16 @@ def train(
     from pathlib import Path
 
     from imgclf import config
+    from imgclf.kfp.components import log_scalar_metrics
     from imgclf.steps import train as step
 
     cfg = config.build(
         config.TrainConfig,
         {
-            "model": architecture,
+            "model": model,
             "pretrained": pretrained,
             "freeze_backbone": freeze_backbone,
-            "image_size": image_size,
+            "image_size": train_image_size,
             "augment": augment,
             "epochs": epochs,
             "batch_size": batch_size,
@@ -78,7 +79,7 @@ def train(
             "weight_decay": weight_decay,
             "scheduler": scheduler,
             "patience": patience,
-            "seed": seed,
+            "seed": train_seed,
             "device": device,
             "num_workers": num_workers,
             "threads": threads,
@@ -86,8 +87,8 @@ def train(
         },
         "component:train",
     )
-    summary = step.run(cfg, dataset_dir=Path(dataset.path), out_dir=Path(model.path))
-    model.metadata.update(
+    summary = step.run(cfg, dataset_dir=Path(dataset.path), out_dir=Path(trained_model.path))
+    trained_model.metadata.update(
         {
             "framework": "pytorch",
             "architecture": summary["architecture"],
@@ -97,6 +98,4 @@ def train(
             "torch_version": summary["torch_version"],
         }
     )
-    for key, value in sorted(summary["metrics"].items()):
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
+    log_scalar_metrics(metrics, summary["metrics"])

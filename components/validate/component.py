@@ -44,11 +44,12 @@ def validate(
         max_imbalance_ratio: Largest ratio of the biggest to the smallest train class.
         imbalance_blocking: Whether class imbalance fails the run instead of only warning.
     """
-    import html
     from pathlib import Path
 
     from imgclf import config
+    from imgclf.contracts import METRICS_FILE
     from imgclf.fsutil import read_json
+    from imgclf.kfp.components import log_scalar_metrics, write_data_docs_page
     from imgclf.steps import validate as step
 
     cfg = config.build(
@@ -78,21 +79,5 @@ def validate(
             "failed": [e["name"] for e in expectations if not e["success"]],
         }
     )
-    for key, value in sorted(read_json(out_dir / "metrics.json").items()):
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(key, value)
-
-    # The KFP UI shows one HTML file without its neighbours, so the Data Docs index would
-    # only offer dead links there: inline each suite's validation result page instead.
-    results = out_dir / "data_docs" / "validations"
-    sections = [
-        f"<h2>{html.escape(page.relative_to(results).parts[0])}</h2>"
-        f'<iframe srcdoc="{html.escape(page.read_text(encoding="utf-8"))}" '
-        'style="width:100%;height:80vh;border:0"></iframe>'
-        for page in sorted(results.glob("**/*.html"))
-    ]
-    Path(data_docs.path).write_text(
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data validation</title>"
-        f"</head><body>{''.join(sections)}</body></html>\n",
-        encoding="utf-8",
-    )
+    log_scalar_metrics(metrics, read_json(out_dir / METRICS_FILE))
+    write_data_docs_page(out_dir / step.DOCS_DIR, Path(data_docs.path))

@@ -69,7 +69,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def run_s3(args: argparse.Namespace) -> int:
     """Run the server until Ctrl-C / SIGTERM (exit 0) or until weed dies (exit 1)."""
-    from imgclf.dev.seaweed import SeaweedServer
+    from imgclf.dev import SeaweedServer
     from imgclf.storage.s3config import env_credentials
 
     credentials = env_credentials()

@@ -1,8 +1,12 @@
 """``imgclf pipeline ...``: compile, upload, run, schedule and list the Kubeflow pipeline.
 
-Handlers only read flags, print, and call :mod:`imgclf.kfp.client`. Everything that can be
+Handlers only read flags, print, and call :mod:`imgclf.kfp`. Everything that can be
 checked without the server (cron syntax, parameter names and types, the package file) is
 checked before connecting, so a typo never costs a request, let alone a cluster run.
+
+The training DAG comes from the ``training`` entry point of the ``imgclf.pipelines`` group
+(``pipelines.training_pipeline:build_pipeline``): the library under ``imgclf.kfp`` takes the
+pipeline as an argument and never imports ``pipelines/``, which is built on it.
 """
 
 from __future__ import annotations
@@ -11,12 +15,44 @@ import argparse
 import datetime as dt
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from imgclf.cli import add_params_flag, pipeline_local
 from imgclf.cli.output import format_table
 from imgclf.errors import ConfigError
-from imgclf.kfp import client as kc
+from imgclf.kfp.client import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_PIPELINE_NAME,
+    TERMINAL_STATES,
+    KfpSession,
+    PipelineSource,
+    RunInfo,
+)
+from imgclf.kfp.connection import DEFAULT_HOST, resolve_connection
+from imgclf.kfp.cron import validate_cron
+from imgclf.kfp.local import DEFAULT_LOCAL_REGISTRY, DEFAULT_LOCAL_ROOT, LOCAL_SOURCE
+from imgclf.kfp.package import DEFAULT_PACKAGE, compile_pipeline, load_package, package_digest
+from imgclf.kfp.params import parse_params, parse_timestamp
+
+if TYPE_CHECKING:
+    from kfp.dsl.graph_component import GraphComponent
+
+PIPELINES_GROUP = "imgclf.pipelines"
+TRAINING_ENTRY_POINT = "training"
+
+
+def _training_pipeline(args: argparse.Namespace) -> GraphComponent:
+    """The training DAG, built from ``--params`` by the builder registered as an entry point."""
+    found = entry_points(group=PIPELINES_GROUP, name=TRAINING_ENTRY_POINT)
+    if not found:
+        raise ConfigError(
+            f"no {TRAINING_ENTRY_POINT!r} pipeline among the {PIPELINES_GROUP} entry points; "
+            "reinstall with `pip install -e .`"
+        )
+    build = next(iter(found)).load()
+    return build(params_path=args.params)
 
 
 def _connection_flags() -> argparse.ArgumentParser:
@@ -25,7 +61,7 @@ def _connection_flags() -> argparse.ArgumentParser:
     g.add_argument(
         "--host",
         help="KFP API URL (default: $KFP_HOST, in-cluster inside a pod, else "
-        f"{kc.DEFAULT_HOST} as served by `kubectl port-forward -n kubeflow "
+        f"{DEFAULT_HOST} as served by `kubectl port-forward -n kubeflow "
         "svc/ml-pipeline-ui 8080:80`)",
     )
     g.add_argument("--namespace", help="profile namespace on multi-user KFP ($KFP_NAMESPACE)")
@@ -36,11 +72,16 @@ def _connection_flags() -> argparse.ArgumentParser:
     return p
 
 
+def _params_file_flag(p: argparse.ArgumentParser) -> None:
+    add_params_flag(p, "sections give the pipeline's run defaults and cluster settings")
+
+
 def _source_flags(p: argparse.ArgumentParser) -> None:
+    _params_file_flag(p)
     p.add_argument(
         "--package",
         help="compiled pipeline YAML (default: compile the training pipeline to "
-        f"{kc.DEFAULT_PACKAGE} first)",
+        f"{DEFAULT_PACKAGE} first)",
     )
     p.add_argument("--pipeline-id", help="run an uploaded pipeline instead of a package")
     p.add_argument("--version-id", help="version of --pipeline-id (default: its newest version)")
@@ -49,7 +90,7 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
 def _param_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--param",
-        dest="params",
+        dest="param_pairs",
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -57,60 +98,60 @@ def _param_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--experiment",
-        default=kc.DEFAULT_EXPERIMENT,
+        default=DEFAULT_EXPERIMENT,
         help="experiment to file the run under, created if missing (default: %(default)s)",
     )
     p.add_argument("--pipeline-root", help="artifact root for this run (e.g. s3://bucket/kfp)")
 
 
-def _session(args: argparse.Namespace) -> kc.KfpSession:
-    conn = kc.resolve_connection(args.host, args.namespace, args.token_file)
-    return kc.KfpSession.open(conn)
+def _session(args: argparse.Namespace) -> KfpSession:
+    conn = resolve_connection(args.host, args.namespace, args.token_file)
+    return KfpSession.open(conn)
 
 
 def _package(args: argparse.Namespace) -> Path:
     """``--package`` as given, or a fresh compile so what is sent matches the code."""
     if args.package:
         return Path(args.package)
-    path = kc.compile_training_pipeline(kc.DEFAULT_PACKAGE)
+    path = compile_pipeline(_training_pipeline(args), DEFAULT_PACKAGE)
     print(f"compiled {path}")
     return path
 
 
 def _prepare_source(
     args: argparse.Namespace,
-) -> tuple[kc.PipelineSource, dict[str, Any] | None]:
+) -> tuple[PipelineSource, dict[str, Any] | None]:
     """The run's pipeline source and, for a package, its spec (checked before connecting)."""
     if args.pipeline_id or args.version_id:
         if args.package:
             raise ConfigError("give either --package or --pipeline-id, not both")
-        return kc.PipelineSource(pipeline_id=args.pipeline_id, version_id=args.version_id), None
+        return PipelineSource(pipeline_id=args.pipeline_id, version_id=args.version_id), None
     package = _package(args)
-    spec = kc.load_package(package)
-    return kc.PipelineSource(package=package), spec
+    spec = load_package(package)
+    return PipelineSource(package=package), spec
 
 
 def _remote_params(
-    session: kc.KfpSession, source: kc.PipelineSource, pairs: list[str]
-) -> tuple[kc.PipelineSource, dict[str, Any]]:
+    session: KfpSession, source: PipelineSource, pairs: list[str]
+) -> tuple[PipelineSource, dict[str, Any]]:
     """Pin an uploaded pipeline to one version and type ``pairs`` by that version's spec."""
     pipeline_id = str(source.pipeline_id)
     version_id = source.version_id or session.latest_version(pipeline_id)[0]
-    pinned = kc.PipelineSource(pipeline_id=pipeline_id, version_id=version_id)
+    pinned = PipelineSource(pipeline_id=pipeline_id, version_id=version_id)
     if not pairs:
         return pinned, {}
-    return pinned, kc.parse_params(pairs, session.version_spec(pipeline_id, version_id))
+    return pinned, parse_params(pairs, session.version_spec(pipeline_id, version_id))
 
 
 def _compile(args: argparse.Namespace) -> int:
-    path = kc.compile_training_pipeline(args.out)
-    print(f"compiled {path} (sha256 {kc.package_digest(path)})")
+    path = compile_pipeline(_training_pipeline(args), args.out)
+    print(f"compiled {path} (sha256 {package_digest(path)})")
     return 0
 
 
 def _upload(args: argparse.Namespace) -> int:
     package = _package(args)
-    kc.load_package(package)
+    load_package(package)
     session = _session(args)
     result = session.upload(
         package, name=args.name, version=args.version, description=args.description
@@ -128,15 +169,15 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer() -> Callable[[kc.RunInfo, float], None]:
+def _progress_printer() -> Callable[[RunInfo, float], None]:
     """A progress line: rewritten in place on a terminal, one line per change otherwise."""
     tty = sys.stderr.isatty()
     last: list[str] = []
 
-    def show(info: kc.RunInfo, elapsed: float) -> None:
+    def show(info: RunInfo, elapsed: float) -> None:
         line = f"run {info.run_id} {info.state} ({elapsed:.0f}s)"
         if tty:
-            end = "\n" if info.state in kc.TERMINAL_STATES else ""
+            end = "\n" if info.state in TERMINAL_STATES else ""
             print(f"\r{line}\033[K", end=end, file=sys.stderr, flush=True)
         elif last != [info.state]:
             print(line, file=sys.stderr, flush=True)
@@ -145,94 +186,16 @@ def _progress_printer() -> Callable[[kc.RunInfo, float], None]:
     return show
 
 
-def _task_printer(out: Any) -> Callable[[kc.TaskEvent], None]:
-    """One line per task start, end or skip, written to ``out`` (the real stdout)."""
-    width = max(len(t) for t in kc.TRAINING_TASKS)
-
-    def show(event: kc.TaskEvent) -> None:
-        label = f"[{event.task}]".ljust(width + 2)
-        if event.state == "RUNNING":
-            text = "running"
-        elif event.state == "SKIPPED":
-            text = f"skipped ({event.reason})" if event.reason else "skipped"
-        elif event.seconds is not None:
-            text = f"{event.state} in {event.seconds:.1f}s"
-        else:
-            text = event.state
-        out.write(f"{label} {text}\n")
-        out.flush()
-
-    return show
-
-
-def _print_training_summary(result: dict[str, Any]) -> None:
-    summary = result["summary"]
-    params = result["inputs"]
-    print(
-        f"local run of {result['pipeline']} SUCCEEDED in {result['seconds']:.0f}s; "
-        f"outputs under {summary['run_dir']}"
-    )
-    if summary["retrain"] is False:
-        print(f"{summary['reason']}")
-        print("train, evaluate and deploy were skipped; pass --param force=true to retrain anyway")
-    elif summary["reason"]:
-        print(f"  retrain:        {summary['reason']}")
-    if summary["accuracy"] is not None:
-        loss = f" (loss {summary['loss']:.4f})" if summary["loss"] is not None else ""
-        print(f"  test accuracy:  {summary['accuracy']:.4f}{loss}")
-    if summary["passed"] is not None:
-        verdict = "passed" if summary["passed"] else "FAILED (not deployed)"
-        print(f"  quality gate:   {verdict}")
-        for reason in summary["gate_reasons"]:
-            print(f"    {reason}")
-    if summary["version"] is not None:
-        alias = f"{params.get('model_name')} {params.get('registry_alias')}"
-        state = "promoted" if summary["promoted"] else "not promoted"
-        version = summary["version"] or "none"
-        print(f"  registry:       {alias} -> version {version} ({state})")
-    print(f"  registry uri:   {params.get('registry_uri')}")
-    for key, label in (
-        ("model", "model"),
-        ("evaluation", "evaluation"),
-        ("inference_service", "kserve yaml"),
-    ):
-        if summary[key]:
-            print(f"  {label + ':':<15} {summary[key]}")
-    print(f"  log:            {result['log']}")
-
-
-def _run_local(args: argparse.Namespace) -> int:
-    if args.package or args.pipeline_id or args.version_id:
-        raise ConfigError(
-            "--local runs the pipeline function in this process; --package, --pipeline-id "
-            "and --version-id only apply to runs on a KFP server"
-        )
-    root = Path(args.pipeline_root or kc.DEFAULT_LOCAL_ROOT)
-    print(
-        f"running {kc.DEFAULT_PIPELINE_NAME} locally with kfp.local's SubprocessRunner; "
-        f"pipeline root {root.resolve()}",
-        flush=True,
-    )
-    result = kc.run_local_training(
-        args.params,
-        pipeline_root=root,
-        on_task=_task_printer(sys.stdout),
-        echo=sys.stdout if getattr(args, "verbose", False) else None,
-    )
-    _print_training_summary(result)
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.local:
-        return _run_local(args)
+        return pipeline_local.run(args, _training_pipeline)
     source, spec = _prepare_source(args)
-    params = kc.parse_params(args.params, spec) if spec is not None else None
+    params = parse_params(args.param_pairs, spec) if spec is not None else None
     session = _session(args)
     if params is None:
-        source, params = _remote_params(session, source, args.params)
+        source, params = _remote_params(session, source, args.param_pairs)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    run_name = args.run_name or f"{kc.DEFAULT_PIPELINE_NAME} {stamp}"
+    run_name = args.run_name or f"{DEFAULT_PIPELINE_NAME} {stamp}"
     run = session.submit_run(
         source,
         experiment=args.experiment,
@@ -259,16 +222,16 @@ def _schedule_create(args: argparse.Namespace) -> int:
             'imgclf pipeline schedule needs --cron (6 fields, seconds first, e.g. "0 0 2 * * *") '
             "or an action: create, enable, disable, delete, list"
         )
-    cron = kc.validate_cron(args.cron)
-    start = kc.parse_timestamp(args.start, "--start") if args.start else None
-    end = kc.parse_timestamp(args.end, "--end") if args.end else None
+    cron = validate_cron(args.cron)
+    start = parse_timestamp(args.start, "--start") if args.start else None
+    end = parse_timestamp(args.end, "--end") if args.end else None
     if start and end and end <= start:
         raise ConfigError(f"--end {args.end} is not after --start {args.start}")
     source, spec = _prepare_source(args)
-    params = kc.parse_params(args.params, spec) if spec is not None else None
+    params = parse_params(args.param_pairs, spec) if spec is not None else None
     session = _session(args)
     if params is None:
-        source, params = _remote_params(session, source, args.params)
+        source, params = _remote_params(session, source, args.param_pairs)
     created = session.create_schedule(
         source,
         cron=cron,
@@ -340,7 +303,7 @@ def _schedule_create_flags(p: argparse.ArgumentParser, *, required: bool) -> Non
         required=required,
         help='6 fields, seconds first: "0 0 2 * * *" is 02:00 every day',
     )
-    p.add_argument("--name", default=f"{kc.DEFAULT_PIPELINE_NAME}-nightly")
+    p.add_argument("--name", default=f"{DEFAULT_PIPELINE_NAME}-nightly")
     p.add_argument("--start", help="first time it may fire (ISO 8601; naive means UTC)")
     p.add_argument("--end", help="last time it may fire (ISO 8601; naive means UTC)")
     _source_flags(p)
@@ -359,7 +322,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = top.add_subparsers(dest="pipeline_command", metavar="<subcommand>", required=True)
 
     p = cmds.add_parser("compile", help="compile the training pipeline to YAML")
-    p.add_argument("--out", default=str(kc.DEFAULT_PACKAGE), help="(default: %(default)s)")
+    p.add_argument("--out", default=str(DEFAULT_PACKAGE), help="(default: %(default)s)")
+    _params_file_flag(p)
     p.set_defaults(func=_compile)
 
     p = cmds.add_parser(
@@ -367,13 +331,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[conn],
         help="upload the package as a new pipeline, or a new version of an existing one",
     )
-    p.add_argument("--name", default=kc.DEFAULT_PIPELINE_NAME, help="(default: %(default)s)")
+    p.add_argument("--name", default=DEFAULT_PIPELINE_NAME, help="(default: %(default)s)")
     p.add_argument("--version", help="name of the new version (default: <name>-<time>-<sha>)")
     p.add_argument("--description")
     p.add_argument(
         "--package",
-        help=f"compiled pipeline YAML (default: compile to {kc.DEFAULT_PACKAGE} first)",
+        help=f"compiled pipeline YAML (default: compile to {DEFAULT_PACKAGE} first)",
     )
+    _params_file_flag(p)
     p.set_defaults(func=_upload)
 
     p = cmds.add_parser("run", parents=[conn], help="start one run (or run locally with --local)")
@@ -391,8 +356,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--local",
         action="store_true",
         help="run the DAG here with kfp.local's SubprocessRunner (outputs under "
-        f"--pipeline-root, default {kc.DEFAULT_LOCAL_ROOT}); source defaults to "
-        f"{kc.LOCAL_SOURCE} and registry_uri to {kc.DEFAULT_LOCAL_REGISTRY}; `imgclf -v` "
+        f"--pipeline-root, default {DEFAULT_LOCAL_ROOT}); source defaults to "
+        f"{LOCAL_SOURCE} and registry_uri to {DEFAULT_LOCAL_REGISTRY}; `imgclf -v` "
         "streams the task logs",
     )
     p.set_defaults(func=_run)

@@ -12,16 +12,13 @@ import json
 from typing import Any
 
 from imgclf import config
+from imgclf.cli import add_params_flag
 from imgclf.cli.output import format_table
 from imgclf.registry import ModelRegistry, VersionInfo
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--params",
-        default=str(config.DEFAULT_PARAMS),
-        help="params.yaml whose `registry` section gives the defaults (default: %(default)s)",
-    )
+    add_params_flag(p, "registry section gives the defaults")
     p.add_argument(
         "--registry",
         metavar="URI",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf import config
+from imgclf.cli import add_params_flag
 from imgclf.cli.registry import registry_settings
 from imgclf.storage.staging import local_input, local_output
 
@@ -21,11 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--params",
-        default=str(config.DEFAULT_PARAMS),
-        help="params.yaml to read this step's section from (default: %(default)s)",
-    )
+    add_params_flag(p, "section of this step and s3 section are used")
     p.add_argument(
         "--set",
         dest="overrides",

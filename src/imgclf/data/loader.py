@@ -8,7 +8,6 @@ split does not shift every other label.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,21 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from imgclf.contracts import MANIFEST_FILE, SPLITS, read_dataset_info, read_manifest
 from imgclf.errors import DataError
-from imgclf.fsutil import read_json
-
-SPLITS = ("train", "val", "test")
-
-
-def read_dataset_info(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``dataset.json`` of a dataset dir; DataError naming the file when it is missing."""
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; is {dataset_dir} a dataset dir written by ingest?")
-    info = read_json(path)
-    if not isinstance(info.get("classes"), list) or not info["classes"]:
-        raise DataError(f"{path}: 'classes' must be a non-empty list")
-    return info
 
 
 class ManifestDataset(Dataset):
@@ -59,23 +45,16 @@ class ManifestDataset(Dataset):
         self.targets = [label for _, label in self.samples]
 
     def _read_manifest(self) -> list[tuple[Path, int]]:
-        manifest = self.root / "manifest.csv"
-        if not manifest.is_file():
-            raise DataError(f"{manifest}: missing; is {self.root} a dataset dir written by ingest?")
         samples = []
-        with open(manifest, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            absent = {"path", "label", "split"} - set(reader.fieldnames or [])
-            if absent:
-                raise DataError(f"{manifest}: missing column(s) {', '.join(sorted(absent))}")
-            for line, row in enumerate(reader, start=2):
-                if row["split"] != self.split or (row.get("error") or "").strip():
-                    continue
-                if row["label"] not in self.class_to_idx:
-                    raise DataError(
-                        f"{manifest}:{line}: label {row['label']!r} is not in dataset.json classes"
-                    )
-                samples.append((self.root / row["path"], self.class_to_idx[row["label"]]))
+        for line, row in enumerate(read_manifest(self.root), start=2):
+            if row["split"] != self.split or (row.get("error") or "").strip():
+                continue
+            if row["label"] not in self.class_to_idx:
+                raise DataError(
+                    f"{self.root / MANIFEST_FILE}:{line}: label {row['label']!r} "
+                    "is not in dataset.json classes"
+                )
+            samples.append((self.root / row["path"], self.class_to_idx[row["label"]]))
         return samples
 
     def __len__(self) -> int:
@@ -88,7 +67,7 @@ class ManifestDataset(Dataset):
                 image.load()
                 sample = self.transform(image) if self.transform else image.copy()
         except OSError as exc:
-            raise DataError(f"{path}: cannot read image listed in manifest.csv: {exc}") from None
+            raise DataError(f"{path}: cannot read image listed in {MANIFEST_FILE}: {exc}") from None
         return sample, label
 
 

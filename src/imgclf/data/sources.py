@@ -28,39 +28,32 @@ from __future__ import annotations
 import abc
 import base64
 import dataclasses
-import gzip
 import logging
 import os
 import re
 import shutil
-import stat
-import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from imgclf import __version__
-from imgclf.config import read_params
+from imgclf.data.archive import (
+    archive_kind,
+    archive_kind_from_name,
+    extract_archive,
+    extract_download,
+    is_within,
+)
+from imgclf.data.layout import find_images
+from imgclf.data.sample import SAMPLES
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir
-from imgclf.storage.s3config import S3Settings
+from imgclf.storage.s3config import S3Settings, resolve_s3_settings
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-"""File suffixes (lower case) that count as images; anything else in a class folder is ignored."""
-
-SPLITS = ("train", "val", "test")
-"""Split folder names of an already split layout, in output order."""
-
-_ARCHIVE_SUFFIXES = {".tar.gz": "tar", ".tgz": "tar", ".tar": "tar", ".zip": "zip"}
-_IGNORED_TOP_LEVEL = frozenset({"__MACOSX"})  # resource forks that macOS zips add
-_PNG_COMPRESS_LEVEL = 6  # fixed so generated files are byte-identical on every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +69,6 @@ class SourceOptions:
     image_size: int = 32
     timeout_s: float = 60.0
     s3: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class RawImage:
-    """One candidate image found in a source tree, before decoding."""
-
-    path: Path
-    """The file on disk."""
-    rel: str
-    """POSIX path relative to the tree root: sort key and the path ``materialize_source`` keeps."""
-    label: str
-    """The class, i.e. the name of the class folder."""
-    split: str | None
-    """``train``/``val``/``test`` when the source was already split, else None."""
 
 
 class Source(abc.ABC):
@@ -125,11 +104,11 @@ class SampleSource(Source):
     def materialize(self, dest_dir: Path) -> Path:
         """Render the named sample into ``dest_dir`` in ImageFolder layout."""
         name = self.uri.partition(":")[2]
-        writer = _SAMPLES.get(name)
+        writer = SAMPLES.get(name)
         if writer is None:
             raise ConfigError(
                 f"ingest.source {self.uri!r}: unknown sample {name!r}; "
-                f"available: {', '.join(f'sample:{n}' for n in sorted(_SAMPLES))}"
+                f"available: {', '.join(f'sample:{n}' for n in sorted(SAMPLES))}"
             )
         writer(Path(dest_dir), self.options.image_size)
         return Path(dest_dir)
@@ -173,7 +152,7 @@ class HttpSource(Source):
         name = PurePosixPath(url_path).name or "download"
         download = dest_dir / "download.bin"
         self._download(download)
-        return _extract_download(
+        return extract_download(
             download,
             name,
             dest_dir,
@@ -272,7 +251,7 @@ class S3Source(Source):
             store.download_file(key, download)
         except StorageError as exc:
             raise StorageError(f"ingest.source {self.label!r}: {exc}") from None
-        return _extract_download(
+        return extract_download(
             download,
             PurePosixPath(key).name,
             dest_dir,
@@ -282,17 +261,11 @@ class S3Source(Source):
         )
 
     def settings(self) -> S3Settings:
-        """Connection settings: environment, params.yaml ``s3:``, then ``ingest.s3``.
+        """Connection settings: environment, the edge's ``s3:`` section, then ``ingest.s3``.
 
         Credentials only ever come from the environment (S3Settings refuses them in params).
         """
-        if not self.options.s3:
-            return S3Settings.load()
-        section = read_params().get("s3") or {}
-        if not isinstance(section, Mapping):
-            raise ConfigError("params.yaml:s3: expected a mapping")
-        merged = {**section, **self.options.s3}
-        return S3Settings.from_env(overrides=merged, where="params.yaml:ingest.s3")
+        return resolve_s3_settings(self.options.s3, "ingest.s3")
 
     def _location(self) -> tuple[str, str]:
         """(bucket, object key or prefix); credentials in the URI are refused, not echoed."""
@@ -359,7 +332,7 @@ def materialize_source(
         work = tmp / ".work"
         root = src.materialize(work)
         images = find_images(root, label=src.label)
-        move = _is_within(root, work)
+        move = is_within(root, work)
         for image in images:
             target = tmp.joinpath(*image.rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -370,64 +343,6 @@ def materialize_source(
         shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %d images from %s to %s", len(images), src.label, dest)
     return Path(dest)
-
-
-def find_images(root: Path, *, label: str) -> list[RawImage]:
-    """List the images of a tree in ImageFolder or split layout, sorted by relative path.
-
-    A tree is split when its top-level folders are all named train/val/test and each holds
-    class folders. Hidden files and folders are skipped, as are files without an image
-    suffix; files directly under the root (or a split folder) are ignored, as torchvision's
-    ImageFolder does. An empty tree or a class folder without a single image file raises
-    DataError naming ``label`` and the folder, since a silently missing class would only
-    surface as a confusing training failure.
-    """
-    root = Path(root)
-    top = _visible_dirs(root)
-    if not top:
-        raise DataError(
-            f"ingest.source {label!r}: no class folders found; expected <class>/<image> or "
-            "train|val|test/<class>/<image>"
-        )
-    is_split = all(d.name in SPLITS for d in top) and all(_visible_dirs(d) for d in top)
-    groups = (
-        [(split_dir.name, cls) for split_dir in top for cls in _visible_dirs(split_dir)]
-        if is_split
-        else [(None, cls) for cls in top]
-    )
-    images: list[RawImage] = []
-    for split, class_dir in groups:
-        found = _class_images(root, class_dir, split)
-        if not found:
-            raise DataError(
-                f"ingest.source {label!r}: class folder "
-                f"{class_dir.relative_to(root).as_posix()!r} has no images "
-                f"(allowed: {' '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
-        images.extend(found)
-    return sorted(images, key=lambda image: image.rel)
-
-
-def _visible_dirs(path: Path) -> list[Path]:
-    """Sub-folders of ``path`` that are not hidden, sorted by name."""
-    return sorted(
-        (e for e in path.iterdir() if e.is_dir() and not e.name.startswith(".")),
-        key=lambda e: e.name,
-    )
-
-
-def _class_images(root: Path, class_dir: Path, split: str | None) -> list[RawImage]:
-    """Image files anywhere below one class folder (sub-folders too, as ImageFolder does)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            found.append(RawImage(path=path, rel=rel, label=class_dir.name, split=split))
-    return found
 
 
 def redact_uri(uri: str) -> str:
@@ -443,207 +358,3 @@ def redact_uri(uri: str) -> str:
 
 
 # --- archives -------------------------------------------------------------------------------
-
-
-def archive_kind_from_name(name: str) -> str | None:
-    """``"tar"``, ``"zip"`` or None, from the file name's suffix alone."""
-    lower = name.lower()
-    for suffix, kind in _ARCHIVE_SUFFIXES.items():
-        if lower.endswith(suffix):
-            return kind
-    return None
-
-
-def archive_kind(name: str, path: Path) -> str | None:
-    """``"tar"``, ``"zip"`` or None, from the file name or, failing that, the content."""
-    kind = archive_kind_from_name(name)
-    if kind is not None:
-        return kind
-    if zipfile.is_zipfile(path):
-        return "zip"
-    try:
-        if tarfile.is_tarfile(path):
-            return "tar"
-    except OSError:
-        return None
-    return None
-
-
-def _extract_download(
-    download: Path, name: str, dest_dir: Path, label: str, not_archive: str
-) -> Path:
-    """Extract a fetched archive into ``dest_dir/extracted``, then drop the download.
-
-    ``not_archive`` says what the fetched file was expected to be when it is no archive.
-    """
-    try:
-        kind = archive_kind(name, download)
-        if kind is None:
-            raise DataError(f"ingest.source {label!r}: {not_archive}")
-        return extract_archive(download, dest_dir / "extracted", kind=kind, label=label)
-    finally:
-        download.unlink(missing_ok=True)
-
-
-def extract_archive(archive: Path, target: Path, *, kind: str, label: str) -> Path:
-    """Check every member, extract into ``target``, and return the dataset root inside it.
-
-    Nothing is written unless all members pass :func:`_check_member`. For tar files the
-    standard library's ``data`` filter runs as well, as a second line of defence (it also
-    drops setuid bits and rejects what our checks might miss). The root skips one wrapping
-    folder, so ``photos/cats/a.jpg`` and ``cats/a.jpg`` give the same dataset.
-    """
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    where = f"{label!r}" if label == str(archive) else f"{label!r} ({archive.name})"
-    try:
-        if kind == "tar":
-            _extract_tar(archive, target, where)
-        else:
-            _extract_zip(archive, target, where)
-    except (
-        tarfile.TarError,
-        zipfile.BadZipFile,
-        gzip.BadGzipFile,
-        zlib.error,
-        EOFError,
-        RuntimeError,  # zipfile: encrypted members, unsupported compression
-    ) as exc:
-        raise DataError(f"archive {where}: cannot be extracted: {exc}") from None
-    return _unwrap(target)
-
-
-def _extract_tar(archive: Path, target: Path, where: str) -> None:
-    with tarfile.open(archive, "r:*") as tf:
-        members = tf.getmembers()
-        for m in members:
-            if m.ischr() or m.isblk() or m.isfifo():
-                _refuse(where, m.name, "is a device or FIFO")
-            link = None
-            if m.issym():
-                link = ("sym", m.linkname)
-            elif m.islnk():
-                link = ("hard", m.linkname)
-            _check_member(where, m.name, link)
-        try:
-            tf.extractall(target, members=members, filter="data")
-        except tarfile.FilterError as exc:
-            raise DataError(f"archive {where}: refused member: {exc}") from None
-
-
-def _extract_zip(archive: Path, target: Path, where: str) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        regular = []
-        for info in zf.infolist():
-            mode = info.external_attr >> 16
-            link = None
-            if stat.S_ISLNK(mode):
-                link = ("sym", zf.read(info).decode("utf-8", errors="replace"))
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-                _refuse(where, info.filename, "is a device or FIFO")
-            elif stat.S_ISSOCK(mode):
-                _refuse(where, info.filename, "is a socket")
-            _check_member(where, info.filename, link)
-            if link is None:
-                regular.append(info)
-            else:
-                # zipfile would write the link target as a file's content: skip it instead.
-                log.warning("archive %s: skipping symlink member %s", where, info.filename)
-        for info in regular:
-            zf.extract(info, target)
-
-
-def _check_member(where: str, name: str, link: tuple[str, str] | None) -> None:
-    """Refuse a member whose path, or link target, could land outside the target dir.
-
-    Backslashes count as separators so a Windows-style ``..\\x`` is caught too.
-    """
-    if _is_absolute(name):
-        _refuse(where, name, "has an absolute path")
-    parts = name.replace("\\", "/").split("/")
-    if ".." in parts:
-        _refuse(where, name, "has a '..' path component")
-    if link is None:
-        return
-    kind, link_target = link
-    if _is_absolute(link_target):
-        _refuse(where, name, f"is a {kind}link to an absolute path {link_target!r}")
-    # symlinks resolve from the member's folder, hardlinks from the archive root
-    base = parts[:-1] if kind == "sym" else []
-    depth = 0
-    for part in [*base, *link_target.replace("\\", "/").split("/")]:
-        if part in ("", "."):
-            continue
-        depth = depth - 1 if part == ".." else depth + 1
-        if depth < 0:
-            _refuse(where, name, f"is a {kind}link leaving the archive ({link_target!r})")
-
-
-def _is_absolute(name: str) -> bool:
-    return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None
-
-
-def _refuse(where: str, member: str, why: str) -> None:
-    raise DataError(f"archive {where}: refused member {member!r}: it {why}")
-
-
-def _unwrap(root: Path) -> Path:
-    """Skip one folder that wraps the whole dataset (``archive/<wrapper>/<class>/...``).
-
-    A single top-level folder is a wrapper when it holds folders and no image files (a
-    README beside the class folders is fine) and is not itself a split folder; a single
-    top-level folder with images directly in it is a one-class dataset.
-    """
-    entries = [
-        e for e in root.iterdir() if not e.name.startswith(".") and e.name not in _IGNORED_TOP_LEVEL
-    ]
-    if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in SPLITS:
-        return root
-    inner = [e for e in entries[0].iterdir() if not e.name.startswith(".")]
-    has_dirs = any(e.is_dir() for e in inner)
-    has_images = any(e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS for e in inner)
-    return entries[0] if has_dirs and not has_images else root
-
-
-def _is_within(path: Path, parent: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(Path(parent).resolve())
-    except ValueError:
-        return False
-    return True
-
-
-# --- bundled samples ------------------------------------------------------------------------
-
-
-def write_digits(dest: Path, image_size: int = 32) -> None:
-    """Render scikit-learn's handwritten digits as ``<digit>/digit_<index>.png``.
-
-    1,797 real 8x8 scans (values 0..16) scaled to 0..255, upscaled to ``image_size`` px,
-    grayscale. File names are the dataset index (``digit_00000.png`` is ``load_digits()``
-    row 0) and PNGs carry no metadata with a fixed compression level, so every run writes
-    byte-identical files and DVC sees no change.
-    """
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"ingest.image_size: expected a positive integer, got {image_size!r}")
-    digits = load_digits()
-    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    dest = Path(dest)
-    for label in sorted(set(int(t) for t in digits.target)):
-        (dest / str(label)).mkdir(parents=True, exist_ok=True)
-    for index, (array, label) in enumerate(zip(pixels, digits.target, strict=True)):
-        image = Image.fromarray(array)
-        if image_size != array.shape[0]:
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        image.save(
-            dest / str(int(label)) / f"digit_{index:05d}.png",
-            format="PNG",
-            compress_level=_PNG_COMPRESS_LEVEL,
-        )
-
-
-_SAMPLES = {"digits": write_digits}

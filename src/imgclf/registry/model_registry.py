@@ -24,84 +24,39 @@ loser fails with RegistryError and leaves an incomplete prefix behind, which is 
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import getpass
+import contextlib
 import json
 import os
-import re
-import socket
+import shutil
+import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgclf.contracts import (
+    METRICS_FILE,
+    MODEL_FILE,
+    READY_FILE,
+    marker_files,
+    model_dir_checksums,
+    ready_marker,
+)
 from imgclf.errors import RegistryError
-from imgclf.fsutil import atomic_dir, files_not_matching, sha256_file
+from imgclf.fsutil import atomic_dir, files_not_matching
+from imgclf.registry.records import (
+    Champion,
+    VersionInfo,
+    default_registered_by,
+    utc_now,
+    validate_name,
+)
 from imgclf.storage import Store, open_store
 
 DEFAULT_ALIAS = "production"
 MODEL_SUBDIR = "model"
-READY = "READY"
 CLAIM = "CLAIM"
-WEIGHTS_FILE = "model.safetensors"
-
-# A lowercase DNS-1035 label: the model name also becomes the KServe InferenceService name
-# and a Kubernetes label value, which both must be DNS labels starting with a letter.
-_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_MAX_NAME = 63
-
-
-def validate_name(value: str, what: str = "model name") -> str:
-    """Return ``value`` if it is a valid model/alias name, else raise RegistryError saying why."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > _MAX_NAME:
-        raise RegistryError(
-            f"invalid {what} {value!r}: use 1-{_MAX_NAME} lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-' (it becomes a Kubernetes name; "
-            "set registry.model_name in params.yaml)"
-        )
-    return value
-
-
-def utc_now() -> str:
-    """The current UTC time as ISO-8601 with seconds (what every registry timestamp uses)."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def default_registered_by() -> str:
-    """Who publishes: ``IMGCLF_REGISTERED_BY`` (e.g. a KFP run id), else ``user@host``."""
-    explicit = os.environ.get("IMGCLF_REGISTERED_BY")
-    if explicit:
-        return explicit
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionInfo:
-    """One published (READY) model version, as listed and shown by the registry."""
-
-    name: str
-    version: int
-    created_at: str
-    accuracy: float | None
-    dataset_hash: str | None
-    model_sha256: str | None
-    aliases: tuple[str, ...]
-    uri: str
-    files: Mapping[str, str]
-    metrics: Mapping[str, Any]
-    lineage: Mapping[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (``imgclf registry ... --json``)."""
-        out = dataclasses.asdict(self)
-        out["aliases"] = list(self.aliases)
-        out["files"] = dict(self.files)
-        return out
+LINEAGE_FILE = "lineage.json"
 
 
 def _load_json(store: Store, key: str) -> Any:
@@ -115,14 +70,24 @@ def _dump_json(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
 
 
-def _local_files(model_dir: Path) -> dict[str, Path]:
-    """Relative POSIX path -> file, skipping hidden files (temp files, editor droppings)."""
-    files = {}
-    for path in sorted(model_dir.rglob("*")):
-        rel = path.relative_to(model_dir)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            files[rel.as_posix()] = path
-    return files
+@contextlib.contextmanager
+def _tree_of(source: Path, rels: Collection[str]) -> Iterator[Path]:
+    """A directory holding exactly the files ``rels`` of ``source``: ``source`` itself when
+    it holds nothing else, else a temporary copy of just those.
+
+    ``upload_tree`` sends every file of a tree, and a stray hidden file (a temp file left by
+    an editor) must not be published: KServe would download it with the model.
+    """
+    present = {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
+    if present == set(rels):
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclf-publish-") as tmp:
+        for rel in rels:
+            target = Path(tmp, *rel.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.joinpath(*rel.split("/")), target)
+        yield Path(tmp)
 
 
 class ModelRegistry:
@@ -169,7 +134,7 @@ class ModelRegistry:
             if not head.isdigit():
                 continue
             seen.add(int(head))
-            if rest == READY:
+            if rest == READY_FILE:
                 ready.add(int(head))
         return seen, ready
 
@@ -177,7 +142,7 @@ class ModelRegistry:
         return sorted(self._scan(name)[1])
 
     def _require_ready(self, name: str, version: int) -> None:
-        if not self.store.exists(f"{self.version_prefix(name, version)}/{READY}"):
+        if not self.store.exists(f"{self.version_prefix(name, version)}/{READY_FILE}"):
             ready = self._ready_versions(name)
             listed = ", ".join(map(str, ready)) or "none"
             raise RegistryError(
@@ -203,15 +168,15 @@ class ModelRegistry:
         names = set()
         for key in self.store.list("models/"):
             parts = key.split("/")
-            if len(parts) == 4 and parts[2].isdigit() and parts[3] == READY:
+            if len(parts) == 4 and parts[2].isdigit() and parts[3] == READY_FILE:
                 names.add(parts[1])
         return sorted(names)
 
     def _info(self, name: str, version: int, aliases: list[str]) -> VersionInfo:
         prefix = self.version_prefix(name, version)
-        marker = _load_json(self.store, f"{prefix}/{READY}")
-        metrics = _load_json(self.store, f"{prefix}/metrics.json")
-        lineage = _load_json(self.store, f"{prefix}/lineage.json")
+        marker = _load_json(self.store, f"{prefix}/{READY_FILE}")
+        metrics = _load_json(self.store, f"{prefix}/{METRICS_FILE}")
+        lineage = _load_json(self.store, f"{prefix}/{LINEAGE_FILE}")
         accuracy = metrics.get("accuracy")
         return VersionInfo(
             name=name,
@@ -222,7 +187,7 @@ class ModelRegistry:
             model_sha256=marker.get("model_sha256"),
             aliases=tuple(sorted(aliases)),
             uri=f"{self.uri.rstrip('/')}/{self.model_prefix(name, version)}",
-            files=dict(marker.get("files") or {}),
+            files=marker_files(marker),
             metrics=metrics,
             lineage=lineage,
         )
@@ -259,7 +224,7 @@ class ModelRegistry:
             if bad:
                 raise RegistryError(
                     f"{self.uri}/{prefix}: {', '.join(bad)} missing or not matching the sha256 "
-                    f"recorded in {READY} at publish time (corrupted or overwritten)"
+                    f"recorded in {READY_FILE} at publish time (corrupted or overwritten)"
                 )
         return target
 
@@ -275,6 +240,47 @@ class ModelRegistry:
             return None
         return _load_json(self.store, key)
 
+    def champion(self, name: str, alias: str = DEFAULT_ALIAS) -> Champion | None:
+        """The version ``alias`` serves, with its model.json, metrics and dataset hash; None
+        if the alias was never set (the first model).
+
+        The one alias lookup for the evaluate gate and the retraining policy. It reads only
+        the few small files they need (the model dir stays in the store until
+        :meth:`download`) and tolerates a missing metrics, lineage or model.json, but an
+        alias at a version without ``READY`` is a RegistryError: the registry is
+        inconsistent and neither caller may guess.
+        """
+        doc = self.alias_doc(name, alias)
+        if doc is None:
+            return None
+        where = f"{self.uri}/{self._alias_key(name, alias)}"
+        version = doc.get("version") if isinstance(doc, dict) else None
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise RegistryError(f"{where}: expected {{'version': N}} with an integer N")
+        prefix = self.version_prefix(name, version)
+        if not self.store.exists(f"{prefix}/{READY_FILE}"):
+            raise RegistryError(
+                f"{where} points at version {version}, which has no {READY_FILE} marker "
+                "(incomplete publish); promote a complete version"
+            )
+        lineage = self._optional_json(f"{prefix}/{LINEAGE_FILE}") or {}
+        trained_on = lineage.get("dataset_hash")
+        return Champion(
+            version=version,
+            model_json=self._optional_json(f"{prefix}/{MODEL_SUBDIR}/{MODEL_FILE}"),
+            metrics=self._optional_json(f"{prefix}/{METRICS_FILE}") or {},
+            dataset_hash=trained_on if isinstance(trained_on, str) and trained_on else None,
+        )
+
+    def _optional_json(self, key: str) -> dict[str, Any] | None:
+        """The JSON object at ``key``, or None when there is no such object."""
+        if not self.store.exists(key):
+            return None
+        data = _load_json(self.store, key)
+        if not isinstance(data, dict):
+            raise RegistryError(f"{self.uri}/{key}: expected a JSON object")
+        return data
+
     # -- writing ------------------------------------------------------------------------
 
     def publish(
@@ -283,20 +289,24 @@ class ModelRegistry:
         model_dir: str | os.PathLike[str],
         metrics: Mapping[str, Any],
         lineage: Mapping[str, Any],
+        checksums: Mapping[str, str] | None = None,
     ) -> int:
         """Upload ``model_dir`` as the next version of ``name``; returns its number.
 
-        ``lineage`` gets ``created_at`` and ``registered_by`` when it lacks them. Nothing
-        is visible until the READY marker, written last, lands.
+        ``checksums`` is :func:`~imgclf.contracts.model_dir_checksums` of ``model_dir`` when
+        the caller already computed it (deploy does, to recognise weights it published
+        before), so no file is hashed twice; else it is computed here. ``lineage`` gets
+        ``created_at`` and ``registered_by`` when it lacks them. The model dir goes up in one
+        ``upload_tree`` (parallel on S3), and nothing is visible until the READY marker,
+        written last, lands.
         """
         validate_name(name)
         source = Path(model_dir)
         if not source.is_dir():
             raise RegistryError(f"{source}: model dir not found")
-        files = _local_files(source)
-        if not files:
+        checksums = dict(checksums) if checksums is not None else model_dir_checksums(source)
+        if not checksums:
             raise RegistryError(f"{source}: model dir is empty")
-        checksums = {rel: sha256_file(path) for rel, path in files.items()}
         created_at = utc_now()
         lineage_doc = {"created_at": created_at, "registered_by": default_registered_by()}
         lineage_doc.update(lineage)
@@ -306,22 +316,17 @@ class ModelRegistry:
         prefix = self.version_prefix(name, version)
         token = uuid.uuid4().hex
         self.store.write_bytes(f"{prefix}/{CLAIM}", token.encode("ascii"))
-        for rel, path in files.items():
-            self.store.upload_file(path, f"{prefix}/{MODEL_SUBDIR}/{rel}")
-        self.store.write_bytes(f"{prefix}/metrics.json", _dump_json(dict(metrics)))
-        self.store.write_bytes(f"{prefix}/lineage.json", _dump_json(lineage_doc))
+        with _tree_of(source, checksums) as tree:
+            self.store.upload_tree(tree, f"{prefix}/{MODEL_SUBDIR}")
+        self.store.write_bytes(f"{prefix}/{METRICS_FILE}", _dump_json(dict(metrics)))
+        self.store.write_bytes(f"{prefix}/{LINEAGE_FILE}", _dump_json(lineage_doc))
         if self.store.read_bytes(f"{prefix}/{CLAIM}").decode("ascii", "replace") != token:
             raise RegistryError(
                 f"{self.uri}/{prefix}: another publish of model {name!r} took version "
                 f"{version} at the same time; run the deploy again"
             )
-        marker = {
-            "version": version,
-            "created_at": created_at,
-            "files": checksums,
-            "model_sha256": checksums.get(WEIGHTS_FILE),
-        }
-        self.store.write_bytes(f"{prefix}/{READY}", _dump_json(marker))
+        marker = ready_marker(version, created_at, checksums)
+        self.store.write_bytes(f"{prefix}/{READY_FILE}", _dump_json(marker))
         return version
 
     def _write_alias(self, name: str, alias: str, doc: dict[str, Any]) -> None:

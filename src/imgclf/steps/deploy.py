@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import DeployConfig, RegistryConfig, to_dict
+from imgclf.contracts import WEIGHTS_FILE, model_dir_checksums, read_eval_metrics, read_model_json
 from imgclf.errors import DataError
-from imgclf.fsutil import atomic_dir, read_json, sha256_file, write_json, write_text
-from imgclf.registry import WEIGHTS_FILE, ModelRegistry, VersionInfo
+from imgclf.fsutil import atomic_dir, write_json, write_text
+from imgclf.registry import ModelRegistry, VersionInfo
 from imgclf.serving import manifest as kserve
 from imgclf.storage import is_remote
 
@@ -40,15 +41,6 @@ LOCAL_ONLY_COMMENT = (
     "Set registry.uri to s3://... or deploy.storage_uri_prefix (e.g. pvc://imgclf-models) "
     "for a cluster."
 )
-
-
-def _read(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
 
 
 def storage_uri(
@@ -107,15 +99,17 @@ def _publish_and_promote(
     model_dir: Path,
     metrics: dict[str, Any],
     model_json: dict[str, Any],
-    model_sha256: str,
+    checksums: dict[str, str],
 ) -> tuple[int, bool, bool, list[str]]:
     """(version the alias holds afterwards, published?, promoted?, reasons) for a passed model.
 
     Weights already in the registry are reused rather than published twice. Weights that
     a rollback took off the alias are not put back by a rerun: that needs an explicit
-    ``imgclf registry promote``.
+    ``imgclf registry promote``. ``checksums`` (every file of the model dir) identify the
+    model and go into the registry's marker without hashing the files again.
     """
     name, alias = registry.model_name, registry.alias
+    model_sha256 = checksums[WEIGHTS_FILE]
     reasons = [str(r) for r in metrics.get("reasons") or []]
     alias_doc = reg.alias_doc(name, alias) or {}
     current = alias_doc.get("version")
@@ -133,7 +127,7 @@ def _publish_and_promote(
     published = existing is None
     if existing is None:
         lineage = _lineage(model_json, model_sha256, model_dir)
-        version = reg.publish(name, model_dir, metrics, lineage)
+        version = reg.publish(name, model_dir, metrics, lineage, checksums=checksums)
         log.info("published %s version %d to %s", name, version, reg.uri)
     else:
         version = existing.version
@@ -154,20 +148,18 @@ def run(
     """Publish and promote the model if evaluation passed; write ``deploy.json`` and the
     InferenceService manifest to ``out_dir``. Returns the ``deploy.json`` content."""
     model_dir, eval_dir, out_dir = Path(model_dir), Path(eval_dir), Path(out_dir)
-    metrics = _read(eval_dir / "metrics.json", "evaluation metrics")
-    if not isinstance(metrics.get("passed"), bool):
-        raise DataError(f"{eval_dir / 'metrics.json'}: missing the boolean 'passed' flag")
-    model_json = _read(model_dir / "model.json", "model metadata")
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise DataError(f"{weights}: model weights not found")
-    model_sha256 = sha256_file(weights)
+    metrics = read_eval_metrics(eval_dir)
+    model_json = read_model_json(model_dir)
+    checksums = model_dir_checksums(model_dir)
+    if WEIGHTS_FILE not in checksums:
+        raise DataError(f"{model_dir / WEIGHTS_FILE}: model weights not found")
+    model_sha256 = checksums[WEIGHTS_FILE]
     name, alias = registry.model_name, registry.alias
     reg = ModelRegistry.open(registry.uri)
 
     if metrics["passed"]:
         target, published, promoted, reasons = _publish_and_promote(
-            reg, registry, model_dir, metrics, model_json, model_sha256
+            reg, registry, model_dir, metrics, model_json, checksums
         )
     else:
         reasons = list(metrics.get("reasons") or ["evaluation did not pass"])

@@ -20,62 +20,16 @@ from typing import Any
 
 from imgclf import config as config_mod
 from imgclf.config import EvaluateConfig, RegistryConfig
-from imgclf.data.loader import ManifestDataset, make_loader, read_dataset_info
+from imgclf.contracts import DATASET_FILE, METRICS_FILE, MODEL_FILE, read_dataset_info
+from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import DataError, ImgclfError, RegistryError, StorageError
 from imgclf.fsutil import atomic_dir, write_json, write_text
-from imgclf.storage import is_remote, open_store
+from imgclf.registry import Champion, ModelRegistry
 
 log = logging.getLogger(__name__)
 
 # Accuracies are fractions of whole images; this only absorbs float rounding in the subtraction.
 _EPS = 1e-9
-
-
-def _json_key(store: Any, key: str) -> Any:
-    import json
-
-    try:
-        return json.loads(store.read_bytes(key))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{store.uri}/{key}: not valid JSON: {exc}") from None
-
-
-def find_champion(
-    registry: RegistryConfig, *, download_dir: Path | None = None
-) -> tuple[int, Path | None, dict[str, Any]] | None:
-    """The version behind ``registry.alias``: ``(version, model dir or None, its metrics.json)``.
-
-    None when the alias does not exist yet (first deployment). The model dir is the registry's
-    own folder for a local store; for a remote one it is downloaded into ``download_dir`` (a
-    new temp dir, owned by the caller, when not given). It is None when the version has no
-    ``model/model.json``. An alias pointing at a version without ``READY`` is a RegistryError:
-    the registry is inconsistent and the gate must not guess.
-    """
-    store = open_store(registry.uri)
-    base = f"models/{registry.model_name}"
-    alias_key = f"{base}/aliases/{registry.alias}.json"
-    if not store.exists(alias_key):
-        return None
-    doc = _json_key(store, alias_key)
-    try:
-        version = int(doc["version"])
-    except (KeyError, TypeError, ValueError):
-        raise RegistryError(f"{store.uri}/{alias_key}: expected {{'version': N}}") from None
-    prefix = f"{base}/{version}"
-    if not store.exists(f"{prefix}/READY"):
-        raise RegistryError(
-            f"{store.uri}/{alias_key} points at version {version}, which has no READY marker"
-        )
-    metrics = (
-        _json_key(store, f"{prefix}/metrics.json") if store.exists(f"{prefix}/metrics.json") else {}
-    )
-    if not store.exists(f"{prefix}/model/model.json"):
-        return version, None, metrics
-    if not is_remote(registry.uri):
-        return version, Path(registry.uri) / prefix / "model", metrics
-    target = Path(download_dir or tempfile.mkdtemp(prefix="imgclf-champion-")) / f"v{version}"
-    store.download_tree(f"{prefix}/model", target)
-    return version, target, metrics
 
 
 def _score(
@@ -128,29 +82,65 @@ def _per_class(classes: list[str], targets: list[int], predictions: list[int]) -
 
 
 def _champion_accuracy(
-    champion: tuple[int, Path | None, dict[str, Any]],
+    reg: ModelRegistry,
+    registry: RegistryConfig,
+    champion: Champion,
     classes: list[str],
     dataset_dir: Path,
     cfg: EvaluateConfig,
     device: Any,
 ) -> tuple[float | None, str]:
-    """(accuracy, how it was obtained) for the champion; accuracy None when unknown."""
-    _, model_dir, recorded = champion
-    why_not = "its model is missing from the registry"
-    if model_dir is not None:
-        try:
-            from imgclf.fsutil import read_json
+    """(accuracy, how it was obtained) for the champion; accuracy None when unknown.
 
-            champion_classes = read_json(model_dir / "model.json").get("classes")
-            if champion_classes == classes:
-                result, _ = _score(model_dir, dataset_dir, cfg, device)
-                return float(result["accuracy"]), "re-evaluated on the current test split"
+    Its model is downloaded (checked against the registry's sha256s) only when its classes
+    match, since only then can it be scored on this test split. A store that fails
+    (StorageError) fails the lookup; a champion that cannot be scored falls back to its
+    recorded accuracy, with the reason.
+    """
+    why_not = "its model is missing from the registry"
+    if champion.model_json is not None:
+        if champion.model_json.get("classes") != classes:
             why_not = "its classes differ from the current dataset's"
-        except (ImgclfError, OSError, ValueError, KeyError) as exc:
-            why_not = f"it could not be re-evaluated ({exc})"
-    if isinstance(recorded.get("accuracy"), int | float):
-        return float(recorded["accuracy"]), f"recorded metrics.json accuracy ({why_not})"
+        else:
+            try:
+                with tempfile.TemporaryDirectory(prefix="imgclf-champion-") as tmp:
+                    model_dir = reg.download(
+                        registry.model_name, champion.version, Path(tmp) / "model"
+                    )
+                    result, _ = _score(model_dir, dataset_dir, cfg, device)
+                return float(result["accuracy"]), "re-evaluated on the current test split"
+            except StorageError:
+                raise
+            except (ImgclfError, OSError, ValueError, KeyError) as exc:
+                why_not = f"it could not be re-evaluated ({exc})"
+    recorded = champion.metrics.get("accuracy")
+    if isinstance(recorded, int | float):
+        return float(recorded), f"recorded {METRICS_FILE} accuracy ({why_not})"
     return None, f"no recorded accuracy either ({why_not})"
+
+
+def _compare_with_champion(
+    registry: RegistryConfig,
+    classes: list[str],
+    dataset_dir: Path,
+    cfg: EvaluateConfig,
+    device: Any,
+) -> dict[str, Any] | None:
+    """``{version, accuracy, source}`` of the champion behind ``registry.alias``; None when
+    there is none yet (first deployment)."""
+    try:
+        reg = ModelRegistry.open(registry.uri)
+        champion = reg.champion(registry.model_name, registry.alias)
+        if champion is None:
+            return None
+        accuracy, source = _champion_accuracy(
+            reg, registry, champion, classes, dataset_dir, cfg, device
+        )
+    except StorageError as exc:
+        raise RegistryError(
+            f"registry {registry.uri}: cannot look up the champion: {exc}"
+        ) from None
+    return {"version": champion.version, "accuracy": accuracy, "source": source}
 
 
 def _gate(
@@ -200,22 +190,12 @@ def run(
     classes = list(meta["classes"])
     if classes != list(info["classes"]):
         raise DataError(
-            f"{model_dir}/model.json classes {classes} differ from "
-            f"{dataset_dir}/dataset.json classes {info['classes']}: evaluate on the dataset "
+            f"{model_dir / MODEL_FILE} classes {classes} differ from "
+            f"{dataset_dir / DATASET_FILE} classes {info['classes']}: evaluate on the dataset "
             "the model was trained for"
         )
     breakdown = _per_class(classes, result["targets"], result["predictions"])
-    with tempfile.TemporaryDirectory(prefix="imgclf-champion-") as tmp:
-        try:
-            found = find_champion(registry, download_dir=Path(tmp))
-        except StorageError as exc:
-            raise RegistryError(
-                f"registry {registry.uri}: cannot look up the champion: {exc}"
-            ) from None
-        champion = None
-        if found is not None:
-            accuracy, source = _champion_accuracy(found, classes, dataset_dir, cfg, device)
-            champion = {"version": found[0], "accuracy": accuracy, "source": source}
+    champion = _compare_with_champion(registry, classes, dataset_dir, cfg, device)
     passed, reasons = _gate(result["accuracy"], cfg, champion)
     metrics = {
         "accuracy": result["accuracy"],
@@ -262,7 +242,7 @@ def _write_eval_dir(
         for t, p in zip(result["targets"], result["predictions"], strict=True)
     )
     with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / METRICS_FILE, metrics)
         write_text(tmp / "confusion.csv", buf.getvalue())
         write_json(tmp / "confusion_matrix.json", {"classes": classes, "matrix": matrix})
         write_text(tmp / "model_card.md", model_card(metrics, meta))

@@ -3,8 +3,8 @@
 Output (``docs/CONTRACTS.md``, "Dataset dir")::
 
     images/<split>/<class>/<file>   normalised images (and undecodable originals, see below)
-    manifest.csv                    path,label,split,width,height,mode,bytes,sha256,error
-    dataset.json                    classes, counts, num_images, num_errors, source, hash, ...
+    manifest.csv, dataset.json      one row per file, and the summary with the dataset hash
+                                    (both written by :func:`imgclf.contracts.write_dataset`)
     config.json                     the resolved IngestConfig (secrets redacted)
 
 Normalisation, so every later step sees the same few kinds of file:
@@ -25,7 +25,6 @@ would hide the problem; the validate step decides whether it blocks the pipeline
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import io
@@ -34,27 +33,18 @@ import math
 import random
 import re
 import shutil
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from imgclf.config import IngestConfig, SplitRatios, to_dict
-from imgclf.data.sources import (
-    SPLITS,
-    RawImage,
-    SourceOptions,
-    find_images,
-    open_source,
-    redact_uri,
-)
+from imgclf.contracts import SPLITS, ManifestRow, image_path, write_dataset
+from imgclf.data.layout import RawImage, find_images
+from imgclf.data.sources import SourceOptions, open_source, redact_uri
 from imgclf.errors import ConfigError
 from imgclf.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = ("path", "label", "split", "width", "height", "mode", "bytes", "sha256", "error")
-"""Columns of ``manifest.csv``, in order."""
 
 KEPT_MODES = ("L", "RGB")
 """Image modes written as they are; any other mode is converted to RGB."""
@@ -67,28 +57,6 @@ _SECRET_KEY = re.compile(r"secret|password|token|access_key|credential", re.IGNO
 
 class UndecodableImage(Exception):
     """Raised by :func:`decode_image`; its message is the short reason for the manifest."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ManifestRow:
-    """One line of ``manifest.csv``; width/height/mode are None for undecodable files."""
-
-    path: str
-    label: str
-    split: str
-    width: int | None
-    height: int | None
-    mode: str | None
-    bytes: int
-    sha256: str
-    error: str = ""
-
-    def as_csv(self) -> dict[str, str]:
-        """The row as CSV text fields (None becomes an empty cell)."""
-        values = (getattr(self, name) for name in MANIFEST_COLUMNS)
-        return {
-            k: "" if v is None else str(v) for k, v in zip(MANIFEST_COLUMNS, values, strict=True)
-        }
 
 
 def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
@@ -108,9 +76,14 @@ def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
         plan = assign_splits(images, cfg.split, cfg.seed)
         rows = write_images(plan, tmp, image_format=image_format)
         shutil.rmtree(work, ignore_errors=True)
-        write_manifest(tmp / "manifest.csv", rows)
-        summary = _summary(rows, cfg, source_label=source.label)
-        write_json(tmp / "dataset.json", summary)
+        summary = write_dataset(
+            tmp,
+            rows,
+            source=source.label,
+            image_format=image_format,
+            seed=cfg.seed,
+            split=dataclasses.asdict(cfg.split),
+        )
         write_json(tmp / "config.json", _config_record(cfg))
     log.info(
         "ingested %d images (%d errors, %d classes) from %s into %s",
@@ -263,7 +236,7 @@ def write_images(
             width, height, mode = decoded.width, decoded.height, decoded.mode
         names = used.setdefault((split, image.label), set())
         name = _unique_name(_sanitise_stem(image.path.stem), name_suffix, names)
-        rel = f"images/{split}/{image.label}/{name}"
+        rel = image_path(split, image.label, name)
         target = dataset_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
@@ -308,44 +281,6 @@ def _log_errors(rows: Iterable[ManifestRow]) -> None:
     if bad:
         examples = "; ".join(f"{r.path}: {r.error}" for r in bad[:5])
         log.warning("%d file(s) could not be decoded (kept, see manifest): %s", len(bad), examples)
-
-
-def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
-    """Write ``manifest.csv`` with :data:`MANIFEST_COLUMNS` (UTF-8, ``\\n`` line ends)."""
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row.as_csv())
-
-
-def dataset_hash(rows: Iterable[Mapping[str, Any] | ManifestRow]) -> str:
-    """sha256 of the sorted ``path,label,split,sha256`` lines joined by newlines (UTF-8).
-
-    Identifies the dataset's content and labelling independently of file timestamps or
-    manifest column order; accepts manifest rows or dicts read back from ``manifest.csv``.
-    """
-    lines = []
-    for row in rows:
-        r = row.as_csv() if isinstance(row, ManifestRow) else row
-        lines.append(f"{r['path']},{r['label']},{r['split']},{r['sha256']}")
-    return hashlib.sha256("\n".join(sorted(lines)).encode("utf-8")).hexdigest()
-
-
-def _summary(rows: Sequence[ManifestRow], cfg: IngestConfig, *, source_label: str) -> dict:
-    classes = sorted({r.label for r in rows})
-    tally = Counter((r.split, r.label) for r in rows)
-    return {
-        "classes": classes,
-        "counts": {s: {c: tally[(s, c)] for c in classes} for s in SPLITS},
-        "num_images": len(rows),
-        "num_errors": sum(1 for r in rows if r.error),
-        "source": source_label,
-        "hash": dataset_hash(rows),
-        "image_format": cfg.image_format.lower(),
-        "seed": cfg.seed,
-        "split": dataclasses.asdict(cfg.split),
-    }
 
 
 def _config_record(cfg: IngestConfig) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from torch import nn
 
 from imgclf import config as config_mod
 from imgclf.config import TrainConfig
-from imgclf.data.loader import ManifestDataset, make_loader, read_dataset_info
+from imgclf.contracts import EXPORT_FILE, MODEL_FILE, WEIGHTS_FILE, read_dataset_info
+from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.training import engine
@@ -293,7 +294,7 @@ def _model_json(
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "trained_on": str(setup.device),
-        "files": {"weights": "model.safetensors", "export": "model.pt2"},
+        "files": {"weights": WEIGHTS_FILE, "export": EXPORT_FILE},
     }
 
 
@@ -311,9 +312,9 @@ def _write_model_dir(
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         # Serialised in memory and written with a plain open(): safetensors' own save_file
         # leaves a 0600 file, which a serving container running as another user cannot read.
-        (tmp / "model.safetensors").write_bytes(save(state, metadata={"architecture": cfg.model}))
-        torch.export.save(program, tmp / "model.pt2")
-        write_json(tmp / "model.json", meta)
+        (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"architecture": cfg.model}))
+        torch.export.save(program, tmp / EXPORT_FILE)
+        write_json(tmp / MODEL_FILE, meta)
         write_text(tmp / "history.csv", _csv_text(history, HISTORY_COLUMNS))
         write_json(tmp / "config.json", config_mod.to_dict(cfg))
     log.info("model dir written to %s", out_dir)

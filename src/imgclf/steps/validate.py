@@ -4,9 +4,9 @@ Bad data is cheaper to catch here than after an hour on a GPU: undecodable or em
 images outside the size bounds, unknown colour modes, too few images per class or split, the
 same image in train and test (leakage inflates test accuracy), duplicate images and class
 imbalance. Every check is a real GX expectation run in an ephemeral (in-memory) context, so the
-Data Docs that GX renders show exactly what decided the step. Checks across rows are
-expressed on small derived frames (one row per file, per class and split, per split) so they
-too are plain column expectations with offending rows GX can point at.
+Data Docs that GX renders show exactly what decided the step. What is checked (the derived
+frames and the expectations) lives in :mod:`imgclf.steps.validate_suite`; this module runs
+the suite and writes what it found.
 
 Outputs (one atomic dir): ``report.json`` (per expectation: name, description, blocking,
 success, observed value, first 20 offending files), ``data_docs/index.html``,
@@ -17,7 +17,6 @@ report and docs are there to read when the pipeline stops.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -28,38 +27,22 @@ from typing import Any
 import pandas as pd
 
 from imgclf.config import ValidateConfig, to_dict
+from imgclf.contracts import (
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    MANIFEST_NUMERIC_COLUMNS,
+    METRICS_FILE,
+    manifest_file,
+)
 from imgclf.errors import ConfigError, DataError, ValidationFailed
 from imgclf.fsutil import atomic_dir, write_json
+from imgclf.steps.validate_suite import FRAME_KEYS, Check, build_checks, build_frames, column
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("path", "label", "split", "width", "height", "mode", "bytes", "sha256", "error")
-TEXT_COLUMNS = ("path", "label", "split", "mode", "sha256", "error")
-REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "bytes")
-SPLITS = ("train", "val", "test")
 DOCS_DIR = "data_docs"
 OFFENDING_LIMIT = 20
 FILES_IN_MESSAGE = 3
-
-# Frames validated as separate GX batches; the value is the column that names a row in
-# offending_files (a manifest path, or an ``images/<split>/<class>/`` folder for counts).
-FRAME_KEYS = {
-    "manifest": "path",
-    "files_across_splits": "path",
-    "class_counts": "group",
-    "split_counts": "group",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One named expectation: which frame it runs on and whether its failure stops the run."""
-
-    name: str
-    frame: str
-    description: str
-    blocking: bool
-    expectation: Any
 
 
 def run(cfg: ValidateConfig, *, dataset_dir: Path, out_dir: Path) -> dict:
@@ -71,7 +54,7 @@ def run(cfg: ValidateConfig, *, dataset_dir: Path, out_dir: Path) -> dict:
     """
     _check_config(cfg)
     dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir / "manifest.csv")
+    manifest = read_manifest_frame(dataset_dir)
     frames = build_frames(manifest)
     gx = _import_gx()
     checks = build_checks(cfg, gx)
@@ -84,12 +67,12 @@ def run(cfg: ValidateConfig, *, dataset_dir: Path, out_dir: Path) -> dict:
             "blocking_success": all(e["success"] for e in entries if e["blocking"]),
             "expectations": entries,
             "num_images": len(manifest),
-            "num_errors": int(_column(manifest, "error").notna().sum()),
+            "num_errors": int(column(manifest, "error").notna().sum()),
             "data_docs": f"{DOCS_DIR}/index.html",
             "great_expectations_version": gx.__version__,
         }
         write_json(tmp / "report.json", report)
-        write_json(tmp / "metrics.json", _metrics(report))
+        write_json(tmp / METRICS_FILE, _metrics(report))
         write_json(tmp / "config.json", to_dict(cfg))
 
     if not report["blocking_success"]:
@@ -111,218 +94,20 @@ def _check_config(cfg: ValidateConfig) -> None:
         raise ConfigError("validate.allowed_modes must list at least one PIL mode")
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """Read ``manifest.csv`` as written by ingest: text columns stay text (labels like "3").
+def read_manifest_frame(dataset_dir: Path) -> pd.DataFrame:
+    """Read ``manifest.csv`` as a frame: text columns stay text (labels like "3").
 
     Only empty fields count as missing, so a class named "NA" or "None" stays a class.
     """
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found; run `imgclf ingest` to create the dataset")
+    path = manifest_file(dataset_dir)
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             header = pd.read_csv(fh, nrows=0).columns
-        dtypes = {c: str for c in TEXT_COLUMNS if c in header}
+        text = (c for c in MANIFEST_COLUMNS if c not in MANIFEST_NUMERIC_COLUMNS)
+        dtypes = {c: str for c in text if c in header}
         return pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV manifest: {exc}") from None
-
-
-def _column(df: pd.DataFrame, name: str) -> pd.Series:
-    """``df[name]``, or an all-missing column when the manifest lacks it.
-
-    A missing column is reported by the column-set expectation; derived frames still need
-    something to compute on so that one defect does not hide every other result.
-    """
-    if name in df.columns:
-        return df[name]
-    return pd.Series(pd.NA, index=df.index, dtype="object", name=name)
-
-
-def build_frames(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The manifest plus the derived frames that turn cross-row rules into column checks.
-
-    - ``files_across_splits``: per file, how many distinct splits hold a file with the same
-      sha256 (more than 1 is leakage);
-    - ``class_counts``: images per (split, class) for every known split and every class seen,
-      zeros included, with the train imbalance ratio (largest class / this class);
-    - ``split_counts``: images per known split, zeros included.
-    """
-    path, split, label = (
-        _column(manifest, "path"),
-        _column(manifest, "split"),
-        _column(manifest, "label"),
-    )
-    sha = _column(manifest, "sha256")
-    sharing = (
-        pd.DataFrame({"sha256": sha, "split": split})
-        .groupby("sha256")["split"]
-        .transform("nunique")
-    )
-    files = pd.DataFrame(
-        {"path": path, "split": split, "sha256": sha, "splits_sharing_sha256": sharing}
-    )
-
-    classes = sorted(label.dropna().unique())
-    pairs = pd.DataFrame({"split": split, "label": label}).value_counts()
-    rows = [
-        {"group": f"images/{s}/{c}/", "split": s, "label": c, "count": int(pairs.get((s, c), 0))}
-        for s in SPLITS
-        for c in classes
-    ]
-    class_counts = pd.DataFrame(rows, columns=["group", "split", "label", "count"])
-    class_counts["count"] = class_counts["count"].astype("int64")
-    train = class_counts["split"] == "train"
-    largest = class_counts.loc[train, "count"].max() if train.any() else 0
-    # An empty class counts as 1 so the ratio stays finite; min_images_per_class names it.
-    class_counts["imbalance_ratio"] = (largest / class_counts["count"].clip(lower=1)).where(train)
-
-    per_split = split.value_counts()
-    split_counts = pd.DataFrame(
-        [{"group": f"images/{s}/", "split": s, "count": int(per_split.get(s, 0))} for s in SPLITS]
-    )
-    return {
-        "manifest": manifest,
-        "files_across_splits": files,
-        "class_counts": class_counts,
-        "split_counts": split_counts,
-    }
-
-
-def build_checks(cfg: ValidateConfig, gx: Any) -> list[Check]:
-    """The suite, in report order. Names are stable: report.json and messages use them.
-
-    The name, the blocking flag (as GX severity) and the description travel inside each
-    expectation too, so the Data Docs read the same as report.json.
-    """
-    severity = gx.expectations.metadata_types.FailureSeverity
-    modes = sorted(cfg.allowed_modes)
-    imbalance_note = "" if cfg.imbalance_blocking else " (warning only)"
-    specs: list[tuple[str, str, str, bool, str, dict[str, Any]]] = [
-        (
-            "columns_match_contract",
-            "manifest",
-            f"manifest.csv has exactly the columns {', '.join(MANIFEST_COLUMNS)}, in order",
-            True,
-            "ExpectTableColumnsToMatchOrderedList",
-            {"column_list": list(MANIFEST_COLUMNS)},
-        ),
-        *(
-            (
-                f"{col}_not_null",
-                "manifest",
-                f"every manifest row has a {col}",
-                True,
-                "ExpectColumnValuesToNotBeNull",
-                {"column": col},
-            )
-            for col in REQUIRED_COLUMNS
-        ),
-        (
-            "images_decodable",
-            "manifest",
-            "every image decodes (the manifest's error column is empty)",
-            True,
-            "ExpectColumnValuesToBeNull",
-            {"column": "error"},
-        ),
-        (
-            "width_in_bounds",
-            "manifest",
-            f"image width is within [{cfg.min_width}, {cfg.max_width}] px",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "width", "min_value": cfg.min_width, "max_value": cfg.max_width},
-        ),
-        (
-            "height_in_bounds",
-            "manifest",
-            f"image height is within [{cfg.min_height}, {cfg.max_height}] px",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "height", "min_value": cfg.min_height, "max_value": cfg.max_height},
-        ),
-        (
-            "mode_allowed",
-            "manifest",
-            f"image mode is one of {', '.join(modes)}",
-            True,
-            "ExpectColumnValuesToBeInSet",
-            {"column": "mode", "value_set": modes},
-        ),
-        (
-            "split_known",
-            "manifest",
-            f"split is one of {', '.join(SPLITS)}",
-            True,
-            "ExpectColumnValuesToBeInSet",
-            {"column": "split", "value_set": list(SPLITS)},
-        ),
-        (
-            "bytes_positive",
-            "manifest",
-            "no file is empty (bytes > 0)",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "bytes", "min_value": 0, "strict_min": True},
-        ),
-        (
-            "duplicate_fraction_within_split",
-            "manifest",
-            f"at most {cfg.max_duplicate_fraction:.2%} of the rows are exact copies "
-            "(same sha256) of another file in the same split",
-            True,
-            "ExpectCompoundColumnsToBeUnique",
-            {"column_list": ["split", "sha256"], "mostly": 1.0 - cfg.max_duplicate_fraction},
-        ),
-        (
-            "no_leakage_between_splits",
-            "files_across_splits",
-            "no image content (sha256) appears in more than one split",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "splits_sharing_sha256", "max_value": 1},
-        ),
-        (
-            "min_images_per_class",
-            "class_counts",
-            f"every class has at least {cfg.min_images_per_class} images in every split",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "count", "min_value": cfg.min_images_per_class},
-        ),
-        (
-            "min_images_per_split",
-            "split_counts",
-            f"every split has at least {cfg.min_images_per_split} images",
-            True,
-            "ExpectColumnValuesToBeBetween",
-            {"column": "count", "min_value": cfg.min_images_per_split},
-        ),
-        (
-            "class_imbalance_ratio",
-            "class_counts",
-            f"largest / smallest class in train is at most {cfg.max_imbalance_ratio:g}"
-            + imbalance_note,
-            cfg.imbalance_blocking,
-            "ExpectColumnMaxToBeBetween",
-            {"column": "imbalance_ratio", "max_value": cfg.max_imbalance_ratio},
-        ),
-    ]
-    return [
-        Check(
-            name,
-            frame,
-            description,
-            blocking,
-            getattr(gx.expectations, cls_name)(
-                **kwargs,
-                description=description,
-                meta={"name": name, "blocking": blocking},
-                severity=severity.CRITICAL if blocking else severity.WARNING,
-            ),
-        )
-        for name, frame, description, blocking, cls_name, kwargs in specs
-    ]
 
 
 def _import_gx() -> Any:
@@ -441,7 +226,7 @@ def _offending(
     if result["success"]:
         return []
     if check.name == "columns_match_contract":
-        return ["manifest.csv"]
+        return [MANIFEST_FILE]
     if check.name == "class_imbalance_ratio":
         counts = frames["class_counts"]
         over = counts[counts["imbalance_ratio"] > cfg.max_imbalance_ratio]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from imgclf.contracts import READY_FILE, publish_marker
 
 
 @runtime_checkable
@@ -69,19 +73,7 @@ def is_remote(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 
 
-def open_store(uri: str | Path) -> Store:
-    """A store rooted at ``uri``: a local path, or ``s3://bucket/prefix``."""
-    text = str(uri)
-    if text.startswith("s3://"):
-        from imgclf.storage.s3 import S3Store
-
-        return S3Store.from_uri(text)
-    from imgclf.storage.local import LocalStore
-
-    return LocalStore(Path(text))
-
-
-def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = "READY") -> list[str]:
+def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = READY_FILE) -> list[str]:
     """Upload ``local_dir`` under ``prefix`` and write ``prefix/marker`` last; returns the keys.
 
     Many objects cannot be written atomically, so readers must trust only prefixes that carry
@@ -106,15 +98,31 @@ def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = "READ
         for p in sorted(local_dir.rglob("*"))
         if p.is_file()
     }
-    manifest = {
-        "files": files,
-        "published_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
+    manifest = publish_marker(files, _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     store.write_bytes(marker_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return keys
 
 
-def is_published(store: Store, prefix: str, marker: str = "READY") -> bool:
+def is_published(store: Store, prefix: str, marker: str = READY_FILE) -> bool:
     """True if ``prefix`` carries its publish marker, i.e. every file of it was uploaded."""
     base = "/".join(p for p in prefix.split("/") if p)
     return store.exists(f"{base}/{marker}" if base else marker)
+
+
+def run_parallel(workers: int, tasks: Sequence[Callable[[], None]]) -> None:
+    """Run ``tasks`` on up to ``workers`` threads; the first failure cancels the rest and is
+    raised. Per-object latency, not bandwidth, bounds a tree of small files on a remote store."""
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            task()
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-transfer")
+    try:
+        futures = [pool.submit(task) for task in tasks]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]

@@ -22,99 +22,40 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import mimetypes
 import os
-import random
 import threading
-import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import certifi
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.error import S3Error
 from minio.helpers import check_bucket_name
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    MaxRetryError,
-    NameResolutionError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
 
+from imgclf.contracts import READY_FILE
 from imgclf.errors import ConfigError, StorageError
 from imgclf.fsutil import sha256_file
-from imgclf.storage.base import is_published, publish_tree, split_uri
-from imgclf.storage.s3config import S3Settings
+from imgclf.storage.base import is_published, publish_tree, run_parallel, split_uri
+from imgclf.storage.s3client import (
+    NOT_FOUND,
+    call_with_retries,
+    content_type,
+    describe_failure,
+    make_client,
+    make_http_client,
+)
+from imgclf.storage.s3config import S3Settings, resolve_s3_settings
 
 log = logging.getLogger(__name__)
 
 SHA256_METADATA = "sha256"  # the SDK sends it as x-amz-meta-sha256
 SHA256_HEADER = "x-amz-meta-sha256"
-RETRY_STATUS = (500, 502, 503, 504)
-_BACKOFF_BASE = 0.2
-_BACKOFF_MAX = 5.0
 _CHUNK = 1 << 20
-_DENIED = {
-    "AccessDenied",
-    "SignatureDoesNotMatch",
-    "InvalidAccessKeyId",
-    "InvalidToken",
-    "ExpiredToken",
-}
-_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 
 T = TypeVar("T")
-
-
-def make_http_client(settings: S3Settings) -> urllib3.PoolManager:
-    """The urllib3 pool the SDK uses: timeouts, and retries of 5xx with backoff and jitter.
-
-    Connection and read errors are *not* retried here (connect=0, read=0) but by
-    :meth:`S3Store._call`, which bounds the total time; retrying them at both levels would
-    multiply the wait on an unreachable endpoint.
-    """
-    retry = urllib3.Retry(
-        total=settings.retries,
-        connect=0,
-        read=0,
-        other=0,
-        status=settings.retries,
-        status_forcelist=RETRY_STATUS,
-        allowed_methods=None,  # S3 PUT/DELETE/multipart calls are safe to repeat
-        backoff_factor=_BACKOFF_BASE,
-        backoff_max=_BACKOFF_MAX,
-        backoff_jitter=_BACKOFF_BASE,
-        raise_on_status=False,  # let the SDK turn the last 5xx into an S3Error with details
-    )
-    return urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
-        maxsize=settings.workers + 2,
-        retries=retry,
-        cert_reqs="CERT_REQUIRED",
-        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-    )
-
-
-def make_client(settings: S3Settings, http_client: urllib3.PoolManager | None = None) -> Minio:
-    """A minio client for ``settings`` with the store's timeouts and retry policy."""
-    return Minio(
-        settings.endpoint,
-        access_key=settings.access_key,
-        secret_key=settings.secret_key,
-        session_token=settings.session_token,
-        secure=settings.secure,
-        region=settings.region,
-        http_client=http_client if http_client is not None else make_http_client(settings),
-    )
 
 
 def _join(*parts: str) -> str:
@@ -140,7 +81,7 @@ class S3Store:
             ) from None
         self.bucket = bucket
         self.prefix = _join(prefix)
-        self.settings = settings if settings is not None else S3Settings.load()
+        self.settings = settings if settings is not None else resolve_s3_settings()
         self._http: urllib3.PoolManager | None = None
         if client is None:
             self._http = make_http_client(self.settings)
@@ -152,7 +93,7 @@ class S3Store:
 
     @classmethod
     def from_uri(cls, uri: str, settings: S3Settings | None = None) -> S3Store:
-        """A store rooted at ``s3://bucket/prefix``; settings from env + params.yaml if None."""
+        """A store rooted at ``s3://bucket/prefix``; see :func:`resolve_s3_settings` if None."""
         try:
             bucket, prefix = split_uri(uri)
         except ValueError as exc:
@@ -192,92 +133,24 @@ class S3Store:
         self, action: str, key: str | None, exc: BaseException, attempts: int = 1
     ) -> StorageError:
         """One line naming endpoint, bucket and key, with the reason a user can act on."""
-        reason = self._reason(exc)
+        reason = describe_failure(exc, self.bucket, self.settings.timeout)
         if attempts > 1:
             reason += f" (after {attempts} attempts)"
         text = f"cannot {action} {self._where(key)} at {self.settings.url}: {reason}"
         return StorageError(self.settings.redact(" ".join(text.split())))
 
-    def _reason(self, exc: BaseException) -> str:
-        if isinstance(exc, S3Error):
-            if exc.code in _DENIED:
-                return (
-                    f"access denied ({exc.code}); check AWS_ACCESS_KEY_ID / "
-                    "AWS_SECRET_ACCESS_KEY for this endpoint"
-                )
-            if exc.code == "NoSuchBucket":
-                return f"bucket {self.bucket!r} does not exist"
-            if exc.code in _NOT_FOUND:
-                return "not found"
-            return f"{exc.code}: {exc.message}"
-        if isinstance(exc, ServerError):
-            return f"server error (HTTP {exc.status_code})"
-        if isinstance(exc, InvalidResponseError):
-            return f"unexpected response: {str(exc)[:200]}"
-        if isinstance(exc, MaxRetryError) and exc.reason is not None:
-            exc = exc.reason
-        if isinstance(exc, NameResolutionError):
-            return "cannot resolve the host name; check MINIO_ENDPOINT / AWS_ENDPOINT_URL"
-        if isinstance(exc, NewConnectionError):
-            # "<conn object>: Failed to establish a new connection: [Errno 111] Connection refused"
-            return f"cannot connect ({str(exc).rsplit(': ', 1)[-1]})"
-        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
-            return f"no answer within {self.settings.timeout:g}s (IMGCLF_S3_TIMEOUT)"
-        if isinstance(exc, SSLError):
-            return "TLS failed; if the endpoint speaks plain HTTP use http:// or MINIO_SECURE=false"
-        if isinstance(exc, ProtocolError | ConnectionError):
-            return f"connection lost ({exc})"
-        return f"{type(exc).__name__}: {exc}"
-
-    @staticmethod
-    def _retryable(exc: BaseException) -> bool:
-        """Fast connection failures are worth retrying; timeouts already took the full budget."""
-        if isinstance(exc, MaxRetryError):
-            exc = exc.reason if exc.reason is not None else exc
-        if isinstance(exc, NameResolutionError | SSLError):
-            return False
-        if isinstance(exc, NewConnectionError):
-            return True  # subclasses ConnectTimeoutError, so test it first
-        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
-            return False
-        return isinstance(exc, ProtocolError | ConnectionError)
-
     def _call(self, action: str, key: str | None, fn: Callable[[], T]) -> T:
-        """Run one S3 operation, retrying dropped/refused connections with backoff + jitter.
-
-        Retries stop after ``settings.retries`` or once the time since the first failure
-        plus the next wait would pass ``settings.timeout``, so an endpoint that is down
-        fails within the timeout however many retries are allowed.
-        """
-        attempt = 0
-        first_failure: float | None = None
-        while True:
-            try:
-                return fn()
-            except (S3Error, ServerError, InvalidResponseError) as exc:
-                raise self._error(action, key, exc) from exc
-            except (HTTPError, OSError) as exc:
-                if not self._retryable(exc):
-                    raise self._error(action, key, exc, attempt + 1) from exc
-                now = time.monotonic()
-                first_failure = now if first_failure is None else first_failure
-                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
-                if attempt >= self.settings.retries or (
-                    now - first_failure + delay > self.settings.timeout
-                ):
-                    raise self._error(action, key, exc, attempt + 1) from exc
-                # debug, not warning: the CLI's contract is one error line on stderr, and
-                # the final error already says how many attempts were made
-                log.debug(
-                    "%s %s: %s; retry %d in %.2fs",
-                    action,
-                    self._where(key),
-                    self._reason(exc),
-                    attempt + 1,
-                    delay,
-                )
-                time.sleep(delay)
-                attempt += 1
+        """Run one S3 operation with :func:`~imgclf.storage.s3client.call_with_retries`; any
+        failure becomes one StorageError naming the endpoint, bucket and key."""
+        return call_with_retries(
+            fn,
+            self.settings,
+            fail=lambda exc, attempts: self._error(action, key, exc, attempts),
+            what=lambda exc: (
+                f"{action} {self._where(key)}: "
+                f"{describe_failure(exc, self.bucket, self.settings.timeout)}"
+            ),
+        )
 
     def _verify(self, key: str, actual: str, expected: str | None) -> None:
         if expected and expected.strip().lower() != actual:
@@ -322,7 +195,7 @@ class S3Store:
             try:
                 self.client.stat_object(self.bucket, name)
             except S3Error as exc:
-                if exc.code in _NOT_FOUND:
+                if exc.code in NOT_FOUND:
                     return False
                 raise
             return True
@@ -384,7 +257,7 @@ class S3Store:
                 name,
                 io.BytesIO(data),
                 len(data),
-                content_type=_content_type(name),
+                content_type=content_type(name),
                 metadata=metadata,
                 part_size=self.settings.part_size,
                 num_parallel_uploads=1,
@@ -424,7 +297,7 @@ class S3Store:
                 self.bucket,
                 name,
                 str(path),
-                content_type=_content_type(name),
+                content_type=content_type(name),
                 metadata=metadata,
                 part_size=self.settings.part_size,
                 num_parallel_uploads=1,
@@ -471,7 +344,9 @@ class S3Store:
         ]
         if pairs:
             self.ensure_bucket()
-        self._parallel([lambda p=p, k=k: self.upload_file(p, k) for p, k in pairs])
+        run_parallel(
+            self.settings.workers, [lambda p=p, k=k: self.upload_file(p, k) for p, k in pairs]
+        )
         return [k for _, k in pairs]
 
     def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
@@ -484,7 +359,9 @@ class S3Store:
             if any(p in ("", ".", "..") for p in parts):
                 raise StorageError(f"{self._where(key)}: key cannot be a local file name")
             pairs.append((key, Path(local_dir).joinpath(*parts)))
-        self._parallel([lambda k=k, d=d: self.download_file(k, d) for k, d in pairs])
+        run_parallel(
+            self.settings.workers, [lambda k=k, d=d: self.download_file(k, d) for k, d in pairs]
+        )
         return [d for _, d in pairs]
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
@@ -540,11 +417,11 @@ class S3Store:
             return str(stored).strip().lower()
         return hashlib.sha256(self.read_bytes(key)).hexdigest()
 
-    def publish_tree(self, local_dir: Path, prefix: str, marker: str = "READY") -> list[str]:
+    def publish_tree(self, local_dir: Path, prefix: str, marker: str = READY_FILE) -> list[str]:
         """Upload ``local_dir`` under ``prefix``, then write ``marker`` last (see base)."""
         return publish_tree(self, local_dir, prefix, marker)
 
-    def is_published(self, prefix: str, marker: str = "READY") -> bool:
+    def is_published(self, prefix: str, marker: str = READY_FILE) -> bool:
         """True if ``prefix`` carries the marker, i.e. every file of it was uploaded."""
         return is_published(self, prefix, marker)
 
@@ -552,25 +429,3 @@ class S3Store:
         if not _join(key):
             raise StorageError(f"{self.uri}: an object key is required, got {key!r}")
         return self._name(key)
-
-    def _parallel(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """Run tasks on ``settings.workers`` threads; the first failure cancels the rest."""
-        workers = min(self.settings.workers, len(tasks))
-        if workers <= 1:
-            for task in tasks:
-                task()
-            return
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-transfer")
-        try:
-            futures = [pool.submit(task) for task in tasks]
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for future in futures:
-            if not future.cancelled() and future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
-
-
-def _content_type(name: str) -> str:
-    """A content type from the extension, so HTML reports open in a browser from S3."""
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"

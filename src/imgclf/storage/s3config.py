@@ -7,6 +7,11 @@ timeout, retries, multipart part size, parallel workers) can also be set in the 
 section of params.yaml, which then takes precedence over the environment so that a
 checked-in pipeline behaves the same on every machine.
 
+That section is read by the edge only (the CLI from ``--params``; a KFP component has none and
+uses the environment), which hands it down with :func:`s3_params`; below the edge every store
+asks :func:`resolve_s3_settings`, so no library module opens params.yaml or depends on the
+working directory.
+
 Environment variables read:
 
 ===========================================  ===========================================
@@ -26,14 +31,16 @@ Environment variables read:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from imgclf.config import DEFAULT_PARAMS, build, read_params
+from imgclf.config import build, read_params
 from imgclf.errors import ConfigError
 
 MIB = 1 << 20
@@ -178,13 +185,9 @@ class S3Settings:
         return cls(**values)
 
     @classmethod
-    def load(
-        cls, params_path: str | Path = DEFAULT_PARAMS, env: Mapping[str, str] | None = None
-    ) -> S3Settings:
+    def load(cls, params_path: str | Path, env: Mapping[str, str] | None = None) -> S3Settings:
         """Settings from the environment and the ``s3:`` section of ``params_path`` (if any)."""
-        section = read_params(params_path).get("s3") or {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{Path(params_path).name}:s3: expected a mapping")
+        section = params_section(read_params(params_path), Path(params_path).name)
         return cls.from_env(env, section, where=f"{Path(params_path).name}:s3")
 
     def public_dict(self) -> dict[str, Any]:
@@ -195,6 +198,51 @@ class S3Settings:
         out.pop("session_token")
         out["url"] = self.url
         return out
+
+
+def params_section(params: Mapping[str, Any], file_label: str) -> Mapping[str, Any]:
+    """The ``s3:`` section of already-read params (empty if absent); ConfigError if malformed."""
+    section = params.get("s3") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{file_label}:s3: expected a mapping")
+    return section
+
+
+# params.yaml's `s3:` section and the file it came from, as the edge handed them down
+_PARAMS: contextvars.ContextVar[tuple[Mapping[str, Any], str]] = contextvars.ContextVar(
+    "imgclf_s3_params", default=({}, "params.yaml")
+)
+
+
+@contextlib.contextmanager
+def s3_params(section: Mapping[str, Any], file_label: str) -> Iterator[None]:
+    """Use ``section`` (``s3:`` of the params file ``file_label``) for every S3 store opened
+    in the block. Only an edge calls this: the CLI with ``--params``, a test.
+
+    It is a context rather than an argument of every step because stores are opened deep in
+    the registry, the sources and the weights loader; the values still come from one place.
+    Settings are resolved when a store is opened, so a command that never touches S3 is not
+    failed by a broken S3 environment.
+    """
+    token = _PARAMS.set((dict(section), file_label))
+    try:
+        yield
+    finally:
+        _PARAMS.reset(token)
+
+
+def resolve_s3_settings(
+    overrides: Mapping[str, Any] | None = None,
+    overrides_label: str = "ingest.s3",
+    env: Mapping[str, str] | None = None,
+) -> S3Settings:
+    """Settings for a new connection: the environment, then the edge's ``s3:`` section, then
+    ``overrides`` (``ingest.s3``: another endpoint for the dataset bucket only)."""
+    section, file_label = _PARAMS.get()
+    if overrides:
+        merged = {**section, **overrides}
+        return S3Settings.from_env(env, merged, where=f"{file_label}:{overrides_label}")
+    return S3Settings.from_env(env, section, where=f"{file_label}:s3")
 
 
 def env_credentials(env: Mapping[str, str] | None = None) -> tuple[str, str] | None:

@@ -28,13 +28,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from imgclf.contracts import SUCCESS_FILE, marker_files
 from imgclf.errors import ConfigError, ImgclfError, StorageError
 from imgclf.fsutil import files_not_matching
-from imgclf.storage.base import Store, is_remote, open_store, publish_tree, split_uri
+from imgclf.storage import Store, is_remote, open_store, publish_tree, split_uri
 
 log = logging.getLogger(__name__)
 
-MARKER = "_SUCCESS"
+MARKER = SUCCESS_FILE
 
 
 def _marker_files(store: Store, uri: str) -> dict[str, str] | None:
@@ -43,12 +44,14 @@ def _marker_files(store: Store, uri: str) -> dict[str, str] | None:
     if not raw.strip():
         return None  # written by an older imgclf, or by a tool that only touches the marker
     try:
-        files = json.loads(raw).get("files")
-    except (ValueError, AttributeError):
-        raise StorageError(f"{uri}/{MARKER}: not a valid marker (expected JSON)") from None
-    if not isinstance(files, dict):
+        marker = json.loads(raw)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict):
+        raise StorageError(f"{uri}/{MARKER}: not a valid marker (expected JSON)")
+    if not isinstance(marker.get("files"), dict):
         raise StorageError(f"{uri}/{MARKER}: marker has no 'files' mapping")
-    return {str(k): str(v) for k, v in files.items()}
+    return marker_files(marker)
 
 
 def _check_download(root: Path, files: dict[str, str], uri: str) -> None:

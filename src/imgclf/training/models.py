@@ -25,6 +25,7 @@ from urllib.error import URLError
 import torch
 from torch import nn
 
+from imgclf.contracts import MODEL_FILE, WEIGHTS_FILE
 from imgclf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, A
     from imgclf.fsutil import read_json
 
     root = Path(path)
-    meta_path, weights_path = root / "model.json", root / "model.safetensors"
+    meta_path, weights_path = root / MODEL_FILE, root / WEIGHTS_FILE
     for required in (meta_path, weights_path):
         if not required.is_file():
             raise DataError(f"{required}: missing; {root} is not a model dir written by train")

@@ -1,0 +1,69 @@
+"""What the KFP components in ``components/<step>/`` share, kept here so it is written once.
+
+The components are thin adapters (KFP artifacts and parameters in, a library call, typed
+outputs back); the few adapter chores that several of them repeat live in this module. It
+is imported inside the component functions, in the pipeline's image, so compiling a pipeline
+still needs only ``kfp``; ``kfp`` itself is only needed for type checking here.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgclf import config
+
+if TYPE_CHECKING:
+    from kfp import dsl
+
+
+def log_scalar_metrics(metrics: dsl.Metrics, values: Mapping[str, Any]) -> None:
+    """Log every number in ``values`` on ``metrics``, in key order.
+
+    KFP's Metrics artifact holds scalars only; booleans are left out although Python counts
+    them as ints, because the UI would chart ``passed`` as 0/1 beside the accuracies, and
+    None, strings and nested records (per-class tables) are left out too.
+    """
+    for key, value in sorted(values.items()):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+
+
+def registry_config(
+    registry_uri: str, model_name: str, registry_alias: str, component: str
+) -> config.RegistryConfig:
+    """The ``registry`` section from the pipeline's parameters, validated like params.yaml.
+
+    In the pipeline's one flat list of run parameters, ``uri`` and ``alias`` alone would not
+    say what they address, so the pipeline and the components call them ``registry_uri`` and
+    ``registry_alias``; this is the one place they map back to the section's fields.
+    ``component`` names the caller in a ConfigError.
+    """
+    return config.build(
+        config.RegistryConfig,
+        {"uri": registry_uri, "model_name": model_name, "alias": registry_alias},
+        f"component:{component}",
+    )
+
+
+def write_data_docs_page(docs_dir: Path, page: Path) -> None:
+    """Write one self-contained HTML page at ``page`` with every Data Docs validation result.
+
+    The KFP UI shows a single HTML file without its neighbours, so the site's index under
+    ``docs_dir`` would only offer dead links there: each suite's validation result page
+    (``validations/<suite>/.../*.html``) is inlined instead, under its suite's name.
+    """
+    results = docs_dir / "validations"
+    sections = [
+        f"<h2>{html.escape(result.relative_to(results).parts[0])}</h2>"
+        f'<iframe srcdoc="{html.escape(result.read_text(encoding="utf-8"))}" '
+        'style="width:100%;height:80vh;border:0"></iframe>'
+        for result in sorted(results.glob("**/*.html"))
+    ]
+    page.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data validation</title>"
+        f"</head><body>{''.join(sections)}</body></html>\n",
+        encoding="utf-8",
+    )
