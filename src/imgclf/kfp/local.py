@@ -44,7 +44,7 @@ TRAINING_TASKS = ("ingest", "validate", "check-retrain", "train", "evaluate", "d
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # kfp.local reports progress only as log lines, so these are read (as kfp 2.17 words them;
-# tests/test_pipeline_local.py runs them). Its own lines use logging_utils'
+# tests/dag/test_pipeline_local.py runs them). Its own lines use logging_utils'
 # "HH:MM:SS.mmm - LEVEL - message" format, and task output is printed indented, so a
 # component cannot fake one. The "Skipping" lines go through the root logger, which
 # capture_run_output formats as "LEVEL message".

@@ -11,7 +11,7 @@ Two interventions, both undone when the run ends:
   named outputs (check-retrain's ``should_retrain``, evaluate's ``passed``), so kfp.local
   would skip training on every run. The compiled condition is right (the KFP backend
   resolves it); only local runs need this. It is applied for :data:`PATCHED_KFP` only:
-  ``tests/test_kfp_local_patches.py`` fails when the installed kfp leaves that range, when
+  ``tests/lib/kfp/test_kfp_local_patches.py`` fails when the installed kfp leaves that range, when
   its internals change shape, or when kfp.local resolves such a condition by itself.
 - :func:`capture_run_output` takes over stdout and the root logger for the run. kfp.local
   prints progress and task output to ``sys.stdout`` but logs "Skipping ..." decisions with

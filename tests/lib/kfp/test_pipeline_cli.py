@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from kfp import compiler, dsl
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from _repo_copy import REPO
 from imgclf.cli import main
 from imgclf.errors import ConfigError
 from imgclf.kfp import RunFailed
@@ -26,7 +27,7 @@ from imgclf.kfp.package import DEFAULT_PACKAGE, load_package
 from imgclf.kfp.params import parse_params, parse_timestamp, pipeline_parameters
 from kfp_api_double import KfpApiDouble
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = REPO / "params.yaml"
 TOKEN = "tok-3f9a-do-not-print"
 BASE = "python:3.11-slim"
 

@@ -27,7 +27,6 @@ from components import _image
 from imgclf import config
 from imgclf.config import DeployConfig
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = ("ingest", "validate", "check_retrain", "train", "evaluate", "deploy")
 # The library call each component adapts to (the rest of the body is I/O).
 CALLS = {

@@ -22,13 +22,13 @@ from kfp.dsl.graph_component import GraphComponent
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from _repo_copy import REPO
 from imgclf import config
 from imgclf.errors import ConfigError
 from imgclf.kfp.package import compile_pipeline
 from imgclf.kfp.settings import ClusterSettings
 from pipelines import training_pipeline as tp
 
-REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "pipelines" / "training_pipeline.yaml"
 SECRET_SENTINEL = "sentinel-Secret-Value-3f9c1e"
 TASKS = ("ingest", "validate", "check-retrain", "train", "evaluate", "deploy")

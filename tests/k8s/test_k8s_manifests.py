@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from _k8s_schema import schema_path, validate_custom_resource
+from _repo_copy import REPO
 from components import _image
 from imgclf.config import DeployConfig, RegistryConfig
 from imgclf.kfp.settings import ClusterSettings
@@ -30,7 +31,6 @@ from imgclf.serving import manifest as kserve
 from imgclf.storage import split_uri
 from pipelines.training_pipeline import S3_CONFIG_ENV
 
-REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 TARGETS = ("base", "overlays/dev", "overlays/prod")
 NAMESPACE = "imgclf"

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_storage_local import TREE, StoreContract, read_tree, write_tree
 
 from imgclf.dev import S3ServerInfo, SeaweedServer, free_ports
 from imgclf.errors import ConfigError, StorageError
@@ -27,7 +28,6 @@ from imgclf.storage import is_published, open_store, publish_tree
 from imgclf.storage.s3 import S3Store, make_client
 from imgclf.storage.s3config import MIB, S3Settings
 from s3_server import delete_bucket, new_bucket_name
-from test_storage_local import TREE, StoreContract, read_tree, write_tree
 
 pytestmark = pytest.mark.s3
 

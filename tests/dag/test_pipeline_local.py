@@ -24,6 +24,7 @@ import yaml
 from kfp import dsl
 
 from _dataset_factory import pattern_image
+from _repo_copy import REPO
 from imgclf import cli
 from imgclf.kfp import RunFailed
 from imgclf.kfp.local import (
@@ -39,7 +40,6 @@ from imgclf.kfp.local import (
 from imgclf.registry import ModelRegistry
 from pipelines.training_pipeline import build_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 CLASSES = ("bar", "column", "diagonal")
 IMAGES_PER_CLASS = 25
