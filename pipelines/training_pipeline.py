@@ -143,13 +143,15 @@ def build_pipeline(
         model: str = trn["model"],
         pretrained: str = trn["pretrained"],
         freeze_backbone: bool = trn["freeze_backbone"],
+        freeze_epochs: int = trn["freeze_epochs"],
         train_image_size: int = trn["image_size"],
         augment: str = trn["augment"],
         epochs: int = trn["epochs"],
+        min_steps: int = trn["min_steps"],
         batch_size: int = trn["batch_size"],
         optimizer: str = trn["optimizer"],
-        lr: float = trn["lr"],
-        backbone_lr: float = trn["backbone_lr"],
+        lr: str = str(trn["lr"]),
+        backbone_lr: str = str(trn["backbone_lr"]),
         weight_decay: float = trn["weight_decay"],
         scheduler: str = trn["scheduler"],
         patience: int = trn["patience"],
@@ -194,13 +196,15 @@ def build_pipeline(
             model: torchvision classifier name (resnet18, ...) or simple_cnn.
             pretrained: none, imagenet, or a path or s3:// URI of weights.
             freeze_backbone: Train only the new head on a frozen backbone.
+            freeze_epochs: With pretrained weights, epochs that train the head only first.
             train_image_size: Side in pixels the model sees.
             augment: Augmentation preset: none, light or strong.
-            epochs: Most training epochs (early stopping may end sooner).
+            epochs: Training epochs for a large dataset (early stopping may end sooner).
+            min_steps: Optimizer steps a small dataset trains for at least.
             batch_size: Training batch size.
             optimizer: Optimizer name (adamw, sgd, ...).
-            lr: Learning rate of the head.
-            backbone_lr: Learning rate of the pretrained backbone.
+            lr: Learning rate of the head, or ``auto`` (the LR range test picks it).
+            backbone_lr: Backbone rate, or ``auto`` (lr/10 pretrained, lr from scratch).
             weight_decay: Optimizer weight decay.
             scheduler: Learning-rate schedule (onecycle, ...).
             patience: Epochs without improvement before early stopping.
@@ -266,9 +270,11 @@ def build_pipeline(
                 model=model,
                 pretrained=pretrained,
                 freeze_backbone=freeze_backbone,
+                freeze_epochs=freeze_epochs,
                 train_image_size=train_image_size,
                 augment=augment,
                 epochs=epochs,
+                min_steps=min_steps,
                 batch_size=batch_size,
                 optimizer=optimizer,
                 lr=lr,

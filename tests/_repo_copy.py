@@ -36,7 +36,13 @@ def not_checked_out(directory: str, names: list[str]) -> set[str]:
     return set(CACHES(directory, names)) | local.intersection(names)
 
 
-TINY_TRAIN = {"model": "simple_cnn", "epochs": 2, "max_steps_per_epoch": 4, "image_size": 16}
+TINY_TRAIN = {
+    "model": "simple_cnn",
+    "epochs": 2,
+    "min_steps": 0,
+    "max_steps_per_epoch": 4,
+    "image_size": 16,
+}
 
 
 def repo_env(extra: Mapping[str, str | None] | None = None) -> dict[str, str]:

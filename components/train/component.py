@@ -14,13 +14,15 @@ def train(
     model: str,
     pretrained: str,
     freeze_backbone: bool,
+    freeze_epochs: int,
     train_image_size: int,
     augment: str,
     epochs: int,
+    min_steps: int,
     batch_size: int,
     optimizer: str,
-    lr: float,
-    backbone_lr: float,
+    lr: str,
+    backbone_lr: str,
     weight_decay: float,
     scheduler: str,
     patience: int,
@@ -41,13 +43,16 @@ def train(
         model: torchvision classifier name (``resnet18``, ...) or ``simple_cnn``.
         pretrained: ``none``, ``imagenet``, or a path or ``s3://`` URI of a weights file.
         freeze_backbone: Train only the new head (transfer learning with a frozen backbone).
+        freeze_epochs: With pretrained weights, epochs that train the head only first.
         train_image_size: Side in pixels the images are resized to (the model's input).
         augment: Training augmentation preset: ``none``, ``light`` or ``strong``.
-        epochs: Most epochs to train (early stopping may end sooner).
+        epochs: Epochs for a large dataset (early stopping may end sooner).
+        min_steps: Optimizer steps a small dataset trains for at least.
         batch_size: Images per training batch.
         optimizer: Optimizer name (``adamw``, ``sgd``, ...).
-        lr: Learning rate of the head.
-        backbone_lr: Learning rate of the pretrained backbone (differential learning rates).
+        lr: Learning rate of the head, or ``auto`` (the LR range test picks it).
+        backbone_lr: Backbone rate, or ``auto``: lr/10 with pretrained weights (differential
+            learning rates), lr from scratch.
         weight_decay: Weight decay of the optimizer.
         scheduler: Learning-rate schedule (``onecycle``, ...).
         patience: Epochs without validation-loss improvement before stopping early.
@@ -69,9 +74,11 @@ def train(
             "model": model,
             "pretrained": pretrained,
             "freeze_backbone": freeze_backbone,
+            "freeze_epochs": freeze_epochs,
             "image_size": train_image_size,
             "augment": augment,
             "epochs": epochs,
+            "min_steps": min_steps,
             "batch_size": batch_size,
             "optimizer": optimizer,
             "lr": lr,
@@ -98,4 +105,4 @@ def train(
             "torch_version": summary["torch_version"],
         }
     )
-    log_scalar_metrics(metrics, summary["metrics"])
+    log_scalar_metrics(metrics, {**summary["metrics"], "lr": summary["training"]["lr"]})

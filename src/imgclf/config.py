@@ -66,13 +66,15 @@ class TrainConfig:
     model: str = "resnet18"
     pretrained: str = "none"
     freeze_backbone: bool = False
+    freeze_epochs: int = 1
     image_size: int = 32
     augment: str = "light"
     epochs: int = 8
+    min_steps: int = 300
     batch_size: int = 64
     optimizer: str = "adamw"
-    lr: float = 3e-3
-    backbone_lr: float = 3e-4
+    lr: float | str = "auto"
+    backbone_lr: float | str = "auto"
     weight_decay: float = 1e-4
     scheduler: str = "onecycle"
     patience: int = 3
@@ -127,7 +129,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        for arg in args[:-1]:  # the first member type the value fits (`float | str`: 1e-3, auto)
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        return _coerce(value, args[-1], where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -113,13 +113,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         model="simple_cnn",
         pretrained="none",
         freeze_backbone=False,
+        freeze_epochs=1,
         train_image_size=16,
         augment="none",
         epochs=2,
+        min_steps=0,
         batch_size=8,
         optimizer="adamw",
-        lr=0.01,
-        backbone_lr=0.01,
+        lr="auto",
+        backbone_lr="auto",
         weight_decay=0.0,
         scheduler="onecycle",
         patience=0,
@@ -209,7 +211,7 @@ def test_validate_fails_the_task_on_a_blocking_expectation(chain: Chain, tmp_pat
 
 def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
     model_dir = Path(chain.trained_model.path)
-    for name in ("model.safetensors", "model.pt2", "model.json", "history.csv"):
+    for name in ("model.safetensors", "model.pt2", "model.json", "history.csv", "lr_find.png"):
         assert (model_dir / name).is_file(), name
     meta = chain.trained_model.metadata
     assert meta["framework"] == "pytorch" and meta["architecture"] == "simple_cnn"
@@ -217,6 +219,8 @@ def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
     assert meta["dataset_hash"] == chain.dataset.metadata["hash"]
     assert meta["input_size"] == _json(model_dir / "model.json")["input_size"]
     assert chain.train_metrics.metadata["epochs_run"] == 2
+    chosen = _json(model_dir / "model.json")["training"]
+    assert chosen["lr_source"] == "auto" and chain.train_metrics.metadata["lr"] == chosen["lr"]
 
 
 def test_evaluate_returns_the_gate_and_logs_metrics(chain: Chain) -> None:

@@ -55,6 +55,7 @@ SETTINGS = (
     ("train", "image_size", 16, "train_image_size"),
     ("train", "augment", "none", "augment"),
     ("train", "epochs", 6, "epochs"),
+    ("train", "min_steps", 0, "min_steps"),
     ("train", "batch_size", 8, "batch_size"),
     ("train", "lr", 0.01, "lr"),
     ("train", "patience", 0, "patience"),

@@ -1,22 +1,25 @@
 """TRAIN step: fit a classifier on a dataset dir and write a model dir (CONTRACTS.md).
 
-The book's transfer-learning recipe as one function: a model from the factory (optionally
-pretrained, optionally with a frozen backbone), differential learning rates for backbone
-and head, a one-cycle schedule, early stopping on the validation split, and the best epoch
-kept. The model dir holds everything serving and evaluation need: safetensors weights, a
-``torch.export`` program with a dynamic batch dimension, and ``model.json`` describing
-inputs, classes, lineage and metrics. ``lr_find`` runs the LR range test of chapter 4.
+The book's chapter-4 recipe (:mod:`imgclf.training.recipe`) as one function: a model from
+the factory, normalisation from the weights or the data, the learning rate from the LR range
+test (``lr: auto``), differential rates and freeze-then-unfreeze only for pretrained weights,
+a one-cycle schedule over a budget that scales with the data, early stopping on the
+validation split, and the best epoch kept. The model dir holds everything serving and
+evaluation need: safetensors weights, a ``torch.export`` program with a dynamic batch
+dimension, ``model.json`` (inputs, normalisation, classes, chosen lr, lineage, metrics) and
+the LR range test's curve. ``lr_find`` runs the range test alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
 import logging
-import math
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +32,19 @@ from imgclf.contracts import EXPORT_FILE, MODEL_FILE, WEIGHTS_FILE, read_dataset
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir, write_json, write_text
-from imgclf.training import engine
+from imgclf.training import engine, lr_finder, recipe
+from imgclf.training.export import export_program
 from imgclf.training.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     create_model,
     freeze_backbone,
     param_groups,
+    set_backbone_trainable,
 )
 from imgclf.training.presets import ClassificationPresetEval, ClassificationPresetTrain
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-# Largest batch the exported program accepts; export needs a finite bound to reason about.
-MAX_EXPORT_BATCH = 4096
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -51,37 +52,52 @@ def _check(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {value}")
-    if cfg.lr <= 0 or cfg.backbone_lr < 0:
-        raise ConfigError("train.lr must be > 0 and train.backbone_lr >= 0")
+    for key, value in {"min_steps": cfg.min_steps, "freeze_epochs": cfg.freeze_epochs}.items():
+        if value < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {value}")
+    if recipe.parse_rate(cfg.lr, "lr") == 0:
+        raise ConfigError("train.lr must be > 0 or 'auto'")
+    recipe.parse_rate(cfg.backbone_lr, "backbone_lr")
+
+
+def _normalization(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[float], list[float], str]:
+    """(mean, std, where from): the pretrained weights' statistics, or the training split's."""
+    if recipe.is_pretrained(cfg.pretrained):
+        mean, std = recipe.pretrained_normalization(cfg.model, cfg.pretrained)
+        return mean, std, f"pretrained weights ({cfg.pretrained})"
+    raw = ClassificationPresetEval(size=cfg.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    images = (image for image, _ in ManifestDataset(dataset_dir, "train", raw))
+    mean, std = recipe.channel_statistics(images)
+    return mean, std, "training split"
 
 
 def _datasets(
-    cfg: TrainConfig, dataset_dir: Path
-) -> tuple[dict[str, Any], ManifestDataset, ManifestDataset]:
-    info = read_dataset_info(dataset_dir)
+    cfg: TrainConfig, dataset_dir: Path, mean: list[float], std: list[float]
+) -> tuple[ManifestDataset, ManifestDataset]:
     size = cfg.image_size
-    train_tf = ClassificationPresetTrain(
-        size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=cfg.augment
-    )
-    eval_tf = ClassificationPresetEval(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train_tf = ClassificationPresetTrain(size=size, mean=mean, std=std, augment=cfg.augment)
+    eval_tf = ClassificationPresetEval(size=size, mean=mean, std=std)
     train_ds = ManifestDataset(dataset_dir, "train", train_tf)
     val_ds = ManifestDataset(dataset_dir, "val", eval_tf)
     for ds in (train_ds, val_ds):
         if len(ds) == 0:
             raise DataError(f"{dataset_dir}/manifest.csv: no usable images in split {ds.split!r}")
-    return info, train_ds, val_ds
+    return train_ds, val_ds
 
 
 class _Setup:
-    """Everything a training or LR-finder run shares: device, data, model, optimizer."""
+    """Everything a training or LR-finder run shares: device, data, model, rates."""
 
     def __init__(self, cfg: TrainConfig, dataset_dir: Path) -> None:
         _check(cfg)
+        self.cfg = cfg
         engine.set_threads(cfg.threads)
         self.device = engine.select_device(cfg.device)
         engine.seed_everything(cfg.seed, self.device)
-        self.info, train_ds, val_ds = _datasets(cfg, dataset_dir)
+        self.info = read_dataset_info(dataset_dir)
         self.classes: list[str] = list(self.info["classes"])
+        self.mean, self.std, self.normalization_source = _normalization(cfg, dataset_dir)
+        train_ds, val_ds = _datasets(cfg, dataset_dir, self.mean, self.std)
         pin = self.device.type == "cuda"
         # BatchNorm cannot train on a last batch of one image, so drop the ragged tail.
         self.train_loader = make_loader(
@@ -104,11 +120,51 @@ class _Setup:
         if cfg.freeze_backbone:
             freeze_backbone(model)
         self.model = engine.prepare_model(model, self.device)
-        groups = param_groups(self.model, lr=cfg.lr, backbone_lr=cfg.backbone_lr)
-        self.optimizer = engine.create_optimizer(
-            cfg.optimizer, groups, weight_decay=cfg.weight_decay
-        )
         self.amp_dtype, self.scaler = engine.amp_settings(self.device)
+        # Head-only warm-up epochs: only a loaded backbone has features worth protecting.
+        pretrained = recipe.is_pretrained(cfg.pretrained)
+        self.freeze_epochs = cfg.freeze_epochs if pretrained and not cfg.freeze_backbone else 0
+
+    def find_lr(
+        self, *, start_lr: float, end_lr: float, num_steps: int, smoothing: float = 0.98
+    ) -> lr_finder.LrFindResult:
+        """The LR range test on this set-up, with the backbone as the first epochs see it."""
+        if self.cfg.max_steps_per_epoch > 0:  # smoke runs: never sweep longer than training
+            num_steps = min(num_steps, max(2, self.cfg.epochs * self.cfg.max_steps_per_epoch))
+        ratio = recipe.backbone_rate(1.0, recipe.AUTO, self.cfg.pretrained)
+        with self._backbone_frozen(self.freeze_epochs > 0):
+            groups = param_groups(self.model, lr=1.0, backbone_lr=ratio)
+            return lr_finder.find_lr(
+                self.model,
+                self.train_loader,
+                groups,
+                self.device,
+                optimizer=self.cfg.optimizer,
+                weight_decay=self.cfg.weight_decay,
+                start_lr=start_lr,
+                end_lr=end_lr,
+                num_steps=num_steps,
+                smoothing=smoothing,
+                amp_dtype=self.amp_dtype,
+                scaler=self.scaler,
+            )
+
+    def optimizer(self, lr: float, backbone_lr: float) -> torch.optim.Optimizer:
+        """The training optimizer over every trainable group (frozen-at-start ones included)."""
+        groups = param_groups(self.model, lr=lr, backbone_lr=backbone_lr)
+        return engine.create_optimizer(
+            self.cfg.optimizer, groups, weight_decay=self.cfg.weight_decay
+        )
+
+    @contextlib.contextmanager
+    def _backbone_frozen(self, frozen: bool) -> Iterator[None]:
+        if frozen:
+            set_backbone_trainable(self.model, False)
+        try:
+            yield
+        finally:
+            if frozen:
+                set_backbone_trainable(self.model, True)
 
 
 def _git_commit() -> str:
@@ -137,53 +193,6 @@ def _csv_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def export_program(model: nn.Module, input_size: tuple[int, int, int]) -> Any:
-    """``torch.export`` the eval-mode CPU model with a dynamic batch dimension.
-
-    The exported program is checked against the eager model on a sample batch before it is
-    returned: a serving artifact that disagrees with the weights must never be written.
-    """
-    sample = torch.randn(2, *input_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
-    program = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},))
-    with torch.no_grad():
-        expected = model(sample)
-        actual = program.module()(sample)
-    if not torch.allclose(expected, actual, atol=1e-4, rtol=1e-4):
-        raise RuntimeError("torch.export program disagrees with the eager model")
-    return program
-
-
-class _EarlyStopping:
-    """Tracks the best epoch and how long validation has stalled.
-
-    Best epoch = highest val accuracy, ties broken by lower val loss (accuracy is what the
-    gate judges). An epoch that neither lowers the val loss nor raises the val accuracy is
-    stale; ``patience`` stale epochs in a row stop the run (``patience <= 0`` never stops).
-    """
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best: dict[str, float] | None = None
-        self.best_state: dict[str, torch.Tensor] = {}
-        self.lowest_loss, self.highest_acc, self.stale = math.inf, -math.inf, 0
-
-    def update(self, epoch: int, val: dict[str, Any], model: nn.Module) -> bool:
-        """Record one epoch's val metrics (and weights if best); True means stop now."""
-        key = (val["accuracy"], -val["loss"])
-        if self.best is None or key > (self.best["accuracy"], -self.best["loss"]):
-            self.best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
-            # A CPU copy: the device copy keeps training, and CPU memory is the cheaper one.
-            self.best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-            }
-        improved = val["loss"] < self.lowest_loss or val["accuracy"] > self.highest_acc
-        self.stale = 0 if improved else self.stale + 1
-        self.lowest_loss = min(self.lowest_loss, val["loss"])
-        self.highest_acc = max(self.highest_acc, val["accuracy"])
-        return self.patience > 0 and self.stale >= self.patience
-
-
 def _history_row(epoch: int, train_m: dict[str, Any], val_m: dict[str, Any]) -> dict[str, Any]:
     return {
         "epoch": epoch,
@@ -196,25 +205,45 @@ def _history_row(epoch: int, train_m: dict[str, Any], val_m: dict[str, Any]) -> 
     }
 
 
-def _fit(cfg: TrainConfig, setup: _Setup) -> tuple[list[dict[str, Any]], _EarlyStopping]:
-    """The epoch loop: train, validate, keep the best weights, stop when val stalls."""
+def _fit(
+    cfg: TrainConfig, setup: _Setup, optimizer: torch.optim.Optimizer
+) -> tuple[list[dict[str, Any]], recipe.EarlyStopping, int]:
+    """The epoch loop: train, validate, keep the best weights, stop when val stalls.
+
+    Returns the history, the early-stopping record and the number of epochs planned.
+    """
     steps_per_epoch = engine.count_steps(setup.train_loader, cfg.max_steps_per_epoch)
+    epochs = recipe.planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
+    if epochs > cfg.epochs:
+        log.info(
+            "%d steps per epoch: training up to %d epochs to reach train.min_steps=%d",
+            steps_per_epoch,
+            epochs,
+            cfg.min_steps,
+        )
     scheduler = engine.create_scheduler(
-        cfg.scheduler, setup.optimizer, total_steps=cfg.epochs * steps_per_epoch
+        cfg.scheduler, optimizer, total_steps=epochs * steps_per_epoch
     )
     history: list[dict[str, Any]] = []
-    tracker = _EarlyStopping(cfg.patience)
-    for epoch in range(1, cfg.epochs + 1):
+    patience, warmup = recipe.stopping_rules(cfg.patience, cfg.epochs, epochs, cfg.scheduler)
+    tracker = recipe.EarlyStopping(patience, warmup)
+    if setup.freeze_epochs:
+        set_backbone_trainable(setup.model, False)
+        log.info("training the head only for the first %d epoch(s)", setup.freeze_epochs)
+    for epoch in range(1, epochs + 1):
+        if setup.freeze_epochs and epoch == setup.freeze_epochs + 1:
+            set_backbone_trainable(setup.model, True)
+            log.info("epoch %d: backbone unfrozen (differential learning rates)", epoch)
         train_m = engine.train_one_epoch(
             setup.model,
             setup.train_loader,
-            setup.optimizer,
+            optimizer,
             scheduler,
             setup.device,
             setup.scaler,
             amp_dtype=setup.amp_dtype,
             max_steps=cfg.max_steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
+            desc=f"epoch {epoch}/{epochs}",
         )
         val_m = engine.evaluate(
             setup.model,
@@ -233,34 +262,57 @@ def _fit(cfg: TrainConfig, setup: _Setup) -> tuple[list[dict[str, Any]], _EarlyS
             val_m["loss"],
             val_m["accuracy"],
         )
-        if tracker.update(epoch, val_m, setup.model) and epoch < cfg.epochs:
+        if tracker.update(epoch, val_m, setup.model) and epoch < epochs:
             log.info("early stop after epoch %d: val stalled for %d epochs", epoch, tracker.stale)
             break
-    return history, tracker
+    set_backbone_trainable(setup.model, True)
+    return history, tracker, epochs
 
 
 def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
 
-    The weights of the best validation epoch are the ones saved (see ``_EarlyStopping``).
+    The weights of the best validation epoch are the ones saved (see ``EarlyStopping``).
     Returns the ``model.json`` content.
     """
     setup = _Setup(cfg, Path(dataset_dir))
     log.info(
-        "training %s on %s: %d train / %d val images, %d classes",
+        "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
+        "mean %s std %s",
         cfg.model,
         setup.device,
         len(setup.train_loader.dataset),  # type: ignore[arg-type]
         len(setup.val_loader.dataset),  # type: ignore[arg-type]
         len(setup.classes),
+        setup.normalization_source,
+        setup.mean,
+        setup.std,
     )
-    history, tracker = _fit(cfg, setup)
+    lr = recipe.parse_rate(cfg.lr, "lr")
+    sweep = steepest = None
+    if lr is None:
+        start, end = recipe.LR_FIND_RANGE
+        sweep = setup.find_lr(
+            start_lr=start,
+            end_lr=end,
+            num_steps=recipe.LR_FIND_STEPS,
+            smoothing=recipe.LR_FIND_SMOOTHING,
+        )
+        lr, steepest = recipe.auto_lr(
+            [r["lr"] for r in sweep.records], [r["smoothed_loss"] for r in sweep.records]
+        )
+        log.info("lr: auto: steepest descent at %.3g, training at %.3g", steepest, lr)
+    backbone_lr = recipe.backbone_rate(lr, cfg.backbone_lr, cfg.pretrained)
+    history, tracker, planned = _fit(cfg, setup, setup.optimizer(lr, backbone_lr))
     assert tracker.best is not None  # epochs >= 1
     model = setup.model.to("cpu", memory_format=torch.contiguous_format)
     model.load_state_dict(tracker.best_state)
     model.eval()
-    meta = _model_json(cfg, setup, tracker.best, epochs_run=len(history))
-    _write_model_dir(Path(out_dir), model, meta, cfg, history)
+    rates = {"lr": lr, "backbone_lr": backbone_lr, "lr_source": "auto" if sweep else "train.lr"}
+    if sweep is not None:
+        rates["lr_steepest"] = steepest
+    meta = _model_json(cfg, setup, tracker.best, rates, epochs_run=len(history), planned=planned)
+    _write_model_dir(Path(out_dir), model, meta, cfg, history, sweep)
     return meta
 
 
@@ -268,8 +320,10 @@ def _model_json(
     cfg: TrainConfig,
     setup: _Setup,
     best: dict[str, float],
+    rates: dict[str, Any],
     *,
     epochs_run: int,
+    planned: int,
 ) -> dict[str, Any]:
     import torchvision
 
@@ -278,17 +332,19 @@ def _model_json(
         "classes": setup.classes,
         "num_classes": len(setup.classes),
         "input_size": [3, cfg.image_size, cfg.image_size],
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": setup.mean,
+        "std": setup.std,
+        "normalization": setup.normalization_source,
         "dataset_hash": setup.info.get("hash", ""),
         "params": config_mod.to_dict(cfg),
+        "training": {**rates, "epochs_planned": planned, "freeze_epochs": setup.freeze_epochs},
         "git_commit": _git_commit(),
         "metrics": {
             "best_val_accuracy": best["accuracy"],
             "best_val_loss": best["loss"],
             "best_epoch": int(best["epoch"]),
             "epochs_run": epochs_run,
-            "stopped_early": epochs_run < cfg.epochs,
+            "stopped_early": epochs_run < planned,
         },
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
@@ -304,6 +360,7 @@ def _write_model_dir(
     meta: dict[str, Any],
     cfg: TrainConfig,
     history: list[dict[str, Any]],
+    sweep: lr_finder.LrFindResult | None,
 ) -> None:
     from safetensors.torch import save
 
@@ -317,6 +374,8 @@ def _write_model_dir(
         write_json(tmp / MODEL_FILE, meta)
         write_text(tmp / "history.csv", _csv_text(history, HISTORY_COLUMNS))
         write_json(tmp / "config.json", config_mod.to_dict(cfg))
+        if sweep is not None:
+            lr_finder.write_lr_find(sweep, tmp, chosen=meta["training"]["lr"])
     log.info("model dir written to %s", out_dir)
 
 
@@ -331,66 +390,27 @@ def lr_find(
 ) -> dict[str, Any]:
     """Run the LR range test with the training set-up of ``cfg``; suggest a head lr.
 
-    The sweep applies to the head lr; the backbone keeps its ``backbone_lr / lr`` ratio.
-    With ``cfg.max_steps_per_epoch`` set (CI runs), the sweep is capped at the training
-    budget ``epochs * max_steps_per_epoch`` steps. Writes ``lr_find.csv`` (step, lr, loss,
-    smoothed_loss), ``lr_find.png`` and ``config.json`` into ``out_dir``.
+    The sweep applies to the head lr; the backbone keeps the recipe's ratio (a tenth for
+    pretrained weights, equal from scratch). With ``cfg.max_steps_per_epoch`` set (CI runs),
+    the sweep is capped at the training budget ``epochs * max_steps_per_epoch`` steps.
+    Writes ``lr_find.csv`` (step, lr, loss, smoothed_loss), ``lr_find.png`` and
+    ``config.json`` into ``out_dir``.
     """
     setup = _Setup(cfg, Path(dataset_dir))
-    if cfg.max_steps_per_epoch > 0:
-        num_steps = min(num_steps, max(2, cfg.epochs * cfg.max_steps_per_epoch))
-    records = engine.lr_range_test(
-        setup.model,
-        setup.train_loader,
-        setup.optimizer,
-        setup.device,
-        start_lr=start_lr,
-        end_lr=end_lr,
-        num_steps=num_steps,
-        amp_dtype=setup.amp_dtype,
-        scaler=setup.scaler,
-    )
-    lrs = [r["lr"] for r in records]
-    suggested = engine.suggest_lr(lrs, [r["smoothed_loss"] for r in records])
-    log.info("lr finder: %d steps, suggested lr %.3g", len(records), suggested)
+    sweep = setup.find_lr(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps)
+    log.info("lr finder: %d steps, suggested lr %.3g", len(sweep.records), sweep.suggested)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_text(tmp / "lr_find.csv", _csv_text(records, ("step", "lr", "loss", "smoothed_loss")))
-        _plot_lr_curve(records, suggested, tmp / "lr_find.png")
+        lr_finder.write_lr_find(sweep, tmp)
         write_json(
             tmp / "config.json",
             {
                 **config_mod.to_dict(cfg),
-                "lr_find": {"start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps},
+                "lr_find": {"start_lr": start_lr, "end_lr": end_lr, "num_steps": sweep.num_steps},
             },
         )
     return {
-        "suggested_lr": suggested,
-        "plot": str(out_dir / "lr_find.png"),
-        "curve": str(out_dir / "lr_find.csv"),
+        "suggested_lr": sweep.suggested,
+        "plot": str(out_dir / lr_finder.PLOT_FILE),
+        "curve": str(out_dir / lr_finder.CURVE_FILE),
     }
-
-
-def _plot_lr_curve(records: list[dict[str, float]], suggested: float, path: Path) -> None:
-    # The object API with an explicit Agg canvas touches no global pyplot state, so plotting
-    # works headless and does not change the backend for the rest of the process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot([r["lr"] for r in records], [r["loss"] for r in records], alpha=0.3, label="loss")
-    ax.plot([r["lr"] for r in records], [r["smoothed_loss"] for r in records], label="smoothed")
-    ax.axvline(suggested, color="red", linestyle="--", label=f"suggested {suggested:.2g}")
-    ax.set_xscale("log")
-    # Diverged losses (often 10x the start) would flatten the interesting part of the curve.
-    smoothed = [r["smoothed_loss"] for r in records]
-    lowest = smoothed.index(min(smoothed))
-    ax.set_ylim(0, 1.3 * max(smoothed[: lowest + 1]))
-    ax.set_xlabel("learning rate (head)")
-    ax.set_ylabel("training loss")
-    ax.set_title("LR range test")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)

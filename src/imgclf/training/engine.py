@@ -121,10 +121,17 @@ def create_optimizer(
     return _OPTIMIZERS[name](groups, weight_decay, fused or None)
 
 
+# The share of a one-cycle run spent warming up to the peak rate (OneCycleLR's default).
+ONECYCLE_WARMUP = 0.3
+
+
 def _onecycle(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     # Each group peaks at its own configured lr, so differential rates survive the schedule.
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=total_steps,
+        pct_start=ONECYCLE_WARMUP,
     )
 
 

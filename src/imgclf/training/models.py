@@ -363,13 +363,19 @@ def param_groups(model: nn.Module, *, lr: float, backbone_lr: float) -> list[dic
     return [g for g in groups if g["params"]]
 
 
-def freeze_backbone(model: nn.Module) -> nn.Module:
-    """Stop gradients for everything but the head (the book's feature-extraction setting)."""
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Turn the backbone's gradients off (head-only epochs) or on again; the head always
+    trains. Its parameters stay in the optimizer: frozen ones simply get no gradient."""
     backbone, head = backbone_and_head_params(model)
     for param in backbone:
-        param.requires_grad_(False)
+        param.requires_grad_(trainable)
     for param in head:
         param.requires_grad_(True)
+
+
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """Stop gradients for everything but the head (the book's feature-extraction setting)."""
+    set_backbone_trainable(model, False)
     return model
 
 

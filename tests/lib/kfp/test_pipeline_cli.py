@@ -589,7 +589,8 @@ def test_compile_and_run_the_training_pipeline(
     code, out, _ = cli(capsys, "run", "--params", str(PARAMS), *pairs)
     assert code == 0 and f"compiled {DEFAULT_PACKAGE}" in out
     run = body_of(api, "POST", "/runs")
-    assert run["runtime_config"]["parameters"] == {"epochs": 2, "lr": 0.01, "source": "2024"}
+    # lr is a string run parameter ("auto" or a rate), typed from the compiled pipeline
+    assert run["runtime_config"]["parameters"] == {"epochs": 2, "lr": "0.01", "source": "2024"}
     # The cluster wiring (secrets, GPU node selector) travels as the platform spec beside it.
     assert run["pipeline_spec"]["pipeline_spec"]["root"] == spec["root"]
     assert "kubernetes" in run["pipeline_spec"]["platform_spec"]["platforms"]

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(180)
 TINY = TrainConfig(
     model="simple_cnn",
     image_size=12,
+    min_steps=0,
     epochs=6,
     batch_size=8,
     lr=1e-2,

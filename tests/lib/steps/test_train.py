@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 TINY = TrainConfig(
     model="simple_cnn",
     image_size=12,
+    min_steps=0,
     epochs=2,
     batch_size=8,
     lr=1e-2,
@@ -103,7 +104,7 @@ def test_tiny_patterns_are_learned(dataset_dir: Path, tmp_path: Path) -> None:
 
 
 def test_resnet18_default_path_exports(dataset_dir: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(image_size=16, epochs=1, batch_size=8, max_steps_per_epoch=1)
+    cfg = TrainConfig(image_size=16, epochs=1, min_steps=0, batch_size=8, max_steps_per_epoch=1)
     meta = train.run(cfg, dataset_dir=dataset_dir, out_dir=tmp_path / "model")
     assert meta["architecture"] == "resnet18"
     program = torch.export.load(tmp_path / "model" / "model.pt2")
