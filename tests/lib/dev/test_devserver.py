@@ -24,6 +24,7 @@ from imgclf.storage.s3config import ACCESS_KEY_VARS, ENDPOINT_VARS, SECRET_KEY_V
 pytestmark = pytest.mark.s3
 
 SECRET = "dev-secret-from-env-0123456789abcdefghij"
+HANG_GUARD_S = 300
 
 
 def alive(pid: int) -> bool:
@@ -155,7 +156,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def _start_cli(
     tmp_path: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[str], str, int, queue.Queue[str]]:
+) -> tuple[subprocess.Popen[str], str, int, queue.Queue[str | None]]:
     """Run ``imgclf dev s3`` until it says it is ready: (process, output, port, later lines)."""
     (port,) = free_ports(1)
     data_dir = str(tmp_path / "s3data")
@@ -166,26 +167,46 @@ def _start_cli(
         text=True,
         env=env,
     )
-    lines: queue.Queue[str] = queue.Queue()
+    lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
     stdout = proc.stdout
-    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)  # end of output: the process closed stdout
+
+    threading.Thread(target=read, daemon=True).start()
     output = ""
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + HANG_GUARD_S
     while "Press Ctrl-C" not in output:
         try:
-            output += lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
+            line = None
+        if line is None:
             proc.kill()
             pytest.fail(f"imgclf dev s3 did not get ready:\n{output}")
+        output += line
     return proc, output, port, lines
 
 
-def _drain(lines: queue.Queue[str]) -> str:
-    out = ""
-    while not lines.empty():
-        out += lines.get()
-    return out
+def _stop(proc: subprocess.Popen[str], sig: int, lines: queue.Queue[str | None]) -> tuple[int, str]:
+    """Send ``sig``; the exit code and everything the command printed after being ready.
+
+    The wait is a hang guard, not a speed requirement: a busy machine may take a while.
+    """
+    proc.send_signal(sig)
+    try:
+        code = proc.wait(HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    rest = ""
+    while (line := lines.get(timeout=HANG_GUARD_S)) is not None:
+        rest += line
+    assert code is not None
+    return code, rest
 
 
 def _exports(output: str) -> dict[str, str]:
@@ -193,7 +214,7 @@ def _exports(output: str) -> dict[str, str]:
 
 
 def test_cli_prints_working_exports_and_stops_on_sigterm(tmp_path: Path) -> None:
-    proc, output, port, _ = _start_cli(tmp_path, _clean_env())
+    proc, output, port, lines = _start_cli(tmp_path, _clean_env())
     weed_pid = int(re.search(r"\(pid (\d+)", output).group(1))  # type: ignore[union-attr]
     try:
         exports = _exports(output)
@@ -204,8 +225,8 @@ def test_cli_prints_working_exports_and_stops_on_sigterm(tmp_path: Path) -> None
         store.write_bytes("hello.txt", b"hi")
         assert store.read_bytes("hello.txt") == b"hi"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        code, rest = _stop(proc, signal.SIGTERM, lines)
+    assert code == 0, rest
     assert not alive(weed_pid)
 
 
@@ -221,8 +242,7 @@ def test_cli_uses_env_credentials_hides_secret_and_stops_on_ctrl_c(tmp_path: Pat
         settings = S3Settings.from_env({**exports, "AWS_SECRET_ACCESS_KEY": SECRET})
         S3Store("cli-env", "", settings).write_bytes("k", b"v")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
-    time.sleep(0.1)  # let the reader thread pick up the last lines
-    assert proc.returncode == 0, _drain(lines)
+        code, rest = _stop(proc, signal.SIGINT, lines)
+    assert code == 0, rest
+    assert "stopping SeaweedFS" in rest
     assert not alive(weed_pid)
