@@ -83,6 +83,9 @@ def run_s3(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C must stop the server even when the parent started us with SIGINT ignored (a
+    # background job of a script does that, and Python then keeps ignoring it).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         info = server.start()
         from imgclf.storage.s3 import S3Store
@@ -115,3 +118,4 @@ def run_s3(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

@@ -157,7 +157,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _start_cli(
     tmp_path: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], str, int, queue.Queue[str | None]]:
-    """Run ``imgclf dev s3`` until it says it is ready: (process, output, port, later lines)."""
+    """Run ``imgclf dev s3`` until it says it is ready: (process, output, port, later lines).
+
+    The command starts with SIGINT ignored, as a background job of a script would: Ctrl-C
+    must stop it all the same.
+    """
     (port,) = free_ports(1)
     data_dir = str(tmp_path / "s3data")
     proc = subprocess.Popen(
@@ -166,6 +170,7 @@ def _start_cli(
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
