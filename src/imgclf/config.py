@@ -201,9 +201,21 @@ def load_section(
     overrides: Mapping[str, Any] | None = None,
 ) -> T:
     """Load ``section`` of params.yaml into ``cls``, then apply ``overrides`` (flags, KFP)."""
-    values = dict(read_params(params_path).get(section) or {})
+    return section_of(read_params(params_path), cls, section, Path(params_path).name, overrides)
+
+
+def section_of(
+    params: Mapping[str, Any],
+    cls: type[T],
+    section: str,
+    file_label: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """``section`` of already-read params into ``cls``, with ``overrides``; errors name
+    ``file_label:section.key``."""
+    values = dict(params.get(section) or {})
     values.update(overrides or {})
-    return build(cls, values, f"{Path(params_path).name}:{section}")
+    return build(cls, values, f"{file_label}:{section}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

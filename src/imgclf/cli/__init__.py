@@ -75,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        # the one read of the params file; handlers take their sections from params_values
+        args.params_values = read_params(args.params)
         label = Path(args.params).name
-        with s3_params(params_section(read_params(args.params), label), label):
+        with s3_params(params_section(args.params_values, label), label):
             return int(args.func(args) or 0)
     except ImgclfError as exc:
         print(f"imgclf {args.command}: error: {exc}", file=sys.stderr)

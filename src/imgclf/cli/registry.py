@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from imgclf import config
@@ -30,7 +31,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def registry_settings(args: argparse.Namespace) -> config.RegistryConfig:
     """The ``registry`` section of ``--params``, with ``--registry`` overriding its uri."""
     overrides = {"uri": args.registry} if getattr(args, "registry", None) else {}
-    return config.load_section(config.RegistryConfig, "registry", args.params, overrides)
+    label = Path(args.params).name
+    return config.section_of(
+        args.params_values, config.RegistryConfig, "registry", label, overrides
+    )
 
 
 def _open(args: argparse.Namespace) -> tuple[config.RegistryConfig, ModelRegistry]:

@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(cls: type, section: str, args: argparse.Namespace, **extra: Any) -> Any:
     overrides = dict(config.parse_override(o) for o in args.overrides)
     overrides.update({k: v for k, v in extra.items() if v is not None})
-    return config.load_section(cls, section, args.params, overrides)
+    label = Path(args.params).name
+    return config.section_of(args.params_values, cls, section, label, overrides)
 
 
 def _print_summary(summary: dict[str, Any], keys: tuple[str, ...]) -> None:
