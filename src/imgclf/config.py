@@ -109,12 +109,61 @@ class EvaluateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DeployConfig:
-    """How the promoted model's KServe InferenceService is rendered."""
+    """How a candidate is smoke-tested, and how its KServe InferenceService is rendered and
+    applied."""
 
     namespace: str = "imgclf"
     service_account: str = "imgclf-kserve"
     image: str = "ghcr.io/imgclf/imgclf:0.1.0"
     storage_uri_prefix: str = ""
+    smoke_samples: int = 64
+    smoke_p95_ms: float = 1000.0
+    smoke_timeout_s: float = 300.0
+    canary_percent: int = 0
+    apply: bool | str = "auto"
+    ready_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.smoke_samples < 1:
+            raise ConfigError(f"deploy.smoke_samples={self.smoke_samples}: must be at least 1")
+        if not 0 <= self.canary_percent <= 100:
+            raise ConfigError(
+                f"deploy.canary_percent={self.canary_percent}: must be between 0 and 100"
+            )
+        if isinstance(self.apply, str) and self.apply != "auto":
+            raise ConfigError(f"deploy.apply={self.apply!r}: expected auto, true or false")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The model server (``imgclf serve``, the KServe predictor and the deploy smoke test).
+
+    Requests that arrive while a batch runs are stacked into the next one, up to
+    ``max_batch_size`` images or ``max_batch_wait_ms`` after the first: one forward pass for
+    many clients is what lets a CPU or GPU server keep up with concurrent load. The limits
+    bound what one request can cost the server (body bytes, images, decoded pixels).
+    """
+
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 2.0
+    top_k: int = 3
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 64
+    max_image_pixels: int = 4096 * 4096
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_size",
+            "top_k",
+            "max_body_bytes",
+            "max_images_per_request",
+            "max_image_pixels",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name}={getattr(self, name)}: must be at least 1")
+        if self.max_batch_wait_ms < 0:
+            raise ConfigError(f"serve.max_batch_wait_ms={self.max_batch_wait_ms}: must be >= 0")
 
 
 T = TypeVar("T")

@@ -215,6 +215,39 @@ def model_dir_checksums(model_dir: Path) -> dict[str, str]:
     return {rel: sha256_file(path) for rel, path in model_dir_files(model_dir).items()}
 
 
+CHECKSUMS_FILE = "checksums.json"
+"""A model dir's own record of its files' sha256, written last by train.
+
+The registry's ``READY`` marker lives beside the model dir, not in it, so a model server
+given only the dir (KServe's storage initializer copies just ``.../model`` to
+``/mnt/models``) checks the files against this record instead."""
+
+
+def write_model_checksums(model_dir: Path) -> dict[str, str]:
+    """Record the sha256 of every file of ``model_dir`` in its ``checksums.json``."""
+    files = {
+        rel: sha
+        for rel, sha in model_dir_checksums(Path(model_dir)).items()
+        if rel != CHECKSUMS_FILE
+    }
+    write_json(Path(model_dir) / CHECKSUMS_FILE, {"files": files})
+    return files
+
+
+def read_model_checksums(model_dir: Path) -> dict[str, str]:
+    """The ``{relative path: sha256}`` a model dir's ``checksums.json`` records."""
+    path = Path(model_dir) / CHECKSUMS_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; the model dir carries no checksums to verify (retrain it, or "
+            "serve the version from the registry)"
+        )
+    files = _read_object(path).get("files")
+    if not isinstance(files, dict) or not files:
+        raise DataError(f"{path}: expected {{'files': {{path: sha256}}}}")
+    return {str(k): str(v) for k, v in files.items()}
+
+
 # -- evaluation dir (evaluate -> deploy) -------------------------------------------------------
 
 METRICS_FILE = "metrics.json"

@@ -24,7 +24,7 @@ from imgclf.config import DEFAULT_PARAMS, read_params
 from imgclf.errors import ImgclfError
 from imgclf.storage.s3config import params_section, s3_params
 
-_AREAS = ("steps", "registry", "pipeline", "dev")
+_AREAS = ("steps", "registry", "serve", "pipeline", "dev")
 
 
 def add_params_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -28,7 +28,13 @@ from torch import nn
 
 from imgclf import config as config_mod
 from imgclf.config import TrainConfig
-from imgclf.contracts import EXPORT_FILE, MODEL_FILE, WEIGHTS_FILE, read_dataset_info
+from imgclf.contracts import (
+    EXPORT_FILE,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    read_dataset_info,
+    write_model_checksums,
+)
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir, write_json, write_text
@@ -376,6 +382,7 @@ def _write_model_dir(
         write_json(tmp / "config.json", config_mod.to_dict(cfg))
         if sweep is not None:
             lr_finder.write_lr_find(sweep, tmp, chosen=meta["training"]["lr"])
+        write_model_checksums(tmp)
     log.info("model dir written to %s", out_dir)
 
 

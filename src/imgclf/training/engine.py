@@ -83,6 +83,24 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def forward_logits(
+    model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """fp32 logits of an inference-mode forward pass, as evaluation and the server run it.
+
+    One function for both, so that the served model and the offline evaluation give the
+    same answer for the same file (same device placement, same autocast dtype).
+    """
+    if images.device != device:
+        if device.type == "cuda":
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        else:
+            images = images.to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+    return logits.float()
+
+
 def _to_device(
     images: torch.Tensor, targets: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,9 +280,7 @@ def evaluate(
             if max_steps > 0 and step >= max_steps:
                 break
             images, targets = _to_device(images, targets, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            logits = logits.float()
+            logits = forward_logits(model, images, device, amp_dtype)
             loss_sum += _summed_loss(criterion, logits, targets)
             k = min(k, logits.shape[1])
             ranked = logits.topk(k, dim=1).indices
