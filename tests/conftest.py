@@ -83,3 +83,43 @@ def http_server(tmp_path: Path) -> Iterator[StaticServer]:
 
 
 pytest_plugins = ["s3_server"]  # session S3 server fixtures (tests/s3_server.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """A trained model dir, the dataset it was evaluated on and evaluate's output."""
+
+    dataset_dir: Path
+    model_dir: Path
+    eval_dir: Path
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    """A real (tiny) model trained and evaluated by the steps, for the serving tests.
+
+    Trained, not random: near-uniform outputs would make the top label depend on float
+    rounding, and the tests compare the server's labels with evaluate's.
+    """
+    from _dataset_factory import build_tiny_dataset
+    from _repo_copy import TINY_TRAIN
+    from imgclf.config import EvaluateConfig, RegistryConfig, TrainConfig
+    from imgclf.steps import evaluate, train
+
+    root = tmp_path_factory.mktemp("served")
+    dataset = build_tiny_dataset(
+        root / "dataset", size=16, per_split={"train": 16, "val": 6, "test": 8}
+    )
+    cfg = TrainConfig(
+        **{**TINY_TRAIN, "epochs": 3, "max_steps_per_epoch": 0},
+        lr=0.01, backbone_lr=0.01, device="cpu",
+    )  # fmt: skip
+    train.run(cfg, dataset_dir=dataset, out_dir=root / "model")
+    evaluate.run(
+        EvaluateConfig(min_accuracy=0.0),
+        RegistryConfig(uri=str(root / "no-registry")),
+        dataset_dir=dataset,
+        model_dir=root / "model",
+        out_dir=root / "eval",
+    )
+    return ServedModel(dataset, root / "model", root / "eval")

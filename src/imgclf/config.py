@@ -124,8 +124,8 @@ class DeployConfig:
     ready_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.smoke_samples < 1:
-            raise ConfigError(f"deploy.smoke_samples={self.smoke_samples}: must be at least 1")
+        if self.smoke_samples < 0:
+            raise ConfigError(f"deploy.smoke_samples={self.smoke_samples}: must be >= 0")
         if not 0 <= self.canary_percent <= 100:
             raise ConfigError(
                 f"deploy.canary_percent={self.canary_percent}: must be between 0 and 100"

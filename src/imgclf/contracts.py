@@ -251,6 +251,21 @@ def read_model_checksums(model_dir: Path) -> dict[str, str]:
 # -- evaluation dir (evaluate -> deploy) -------------------------------------------------------
 
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+"""One row per test image: the deploy smoke test asks the server about the same files."""
+PREDICTIONS_COLUMNS = ("path", "actual", "predicted", "probability")
+
+
+def read_eval_predictions(eval_dir: str | Path) -> list[dict[str, str]]:
+    """The evaluation's ``predictions.csv`` rows (path relative to the dataset dir)."""
+    path = Path(eval_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: per-image predictions not found (rerun evaluate)")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and set(PREDICTIONS_COLUMNS) - set(rows[0]):
+        raise DataError(f"{path}: expected columns {', '.join(PREDICTIONS_COLUMNS)}")
+    return rows
 
 
 def read_eval_metrics(eval_dir: str | Path) -> dict[str, Any]:

@@ -34,3 +34,7 @@ class StorageError(ImgclfError):
 
 class RegistryError(ImgclfError):
     """The model registry is missing a version, an alias or a marker."""
+
+
+class DeployError(ImgclfError):
+    """Applying the InferenceService to the cluster failed, or it never became Ready."""

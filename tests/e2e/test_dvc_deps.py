@@ -21,6 +21,8 @@ from _repo_copy import REPO, clone_repo, sh
 SRC = REPO / "src"
 STAGES = ("ingest", "validate", "train", "evaluate", "deploy")
 CLI_ROOTS = ("imgclf", "imgclf.cli", "imgclf.cli.steps", "imgclf.__main__")
+# Commands a stage starts in a subprocess: deploy's smoke test runs `imgclf serve`.
+SUBPROCESS_ROOTS = {"deploy": ("imgclf.cli.serve",)}
 
 
 def module_file(name: str) -> Path | None:
@@ -60,7 +62,7 @@ def imported_modules(path: Path, name: str) -> set[str]:
 def stage_closure(step: str) -> set[Path]:
     """Source files the ``imgclf <step>`` command can execute."""
     other_steps = {f"imgclf.steps.{s}" for s in STAGES if s != step}
-    todo = [*CLI_ROOTS, f"imgclf.steps.{step}"]
+    todo = [*CLI_ROOTS, *SUBPROCESS_ROOTS.get(step, ()), f"imgclf.steps.{step}"]
     seen: set[str] = set()
     while todo:
         name = todo.pop()

@@ -108,13 +108,25 @@ def _deploy(args: argparse.Namespace) -> int:
     from imgclf.steps import deploy
 
     cfg = _load(config.DeployConfig, "deploy", args)
+    serve = config.section_of(
+        args.params_values, config.ServeConfig, "serve", Path(args.params).name
+    )
     with (
         local_input(args.model) as model,
         local_input(args.eval) as ev,
+        local_input(args.dataset) as ds,
         local_output(args.out) as out,
     ):
-        result = deploy.run(cfg, registry_settings(args), model_dir=model, eval_dir=ev, out_dir=out)
-    _print_summary(result, ("promoted", "model_name", "version", "alias", "reasons"))
+        result = deploy.run(
+            cfg,
+            registry_settings(args),
+            model_dir=model,
+            eval_dir=ev,
+            out_dir=out,
+            dataset_dir=ds,
+            serve=serve,
+        )
+    _print_summary(result, ("promoted", "model_name", "version", "alias", "canary", "reasons"))
     return 0
 
 
@@ -207,9 +219,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "deploy",
         _deploy,
-        "Publish a model that passed evaluation to the registry, move the production alias "
-        "and render its KServe InferenceService.",
+        "Smoke-test a model that passed evaluation on the real server, publish it to the "
+        "registry, move the production alias (or start a canary), render its KServe "
+        "InferenceService and, in a cluster, apply it and wait for Ready.",
         model,
+        ("--dataset", "dataset dir whose test images the smoke test sends", "out/dataset"),
         ("--eval", "evaluation dir written by evaluate", "out/eval"),
         ("--out", "deploy dir (deploy.json, inferenceservice.yaml)", "out/deploy"),
         registry=True,

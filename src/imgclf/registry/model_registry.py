@@ -353,6 +353,52 @@ class ModelRegistry:
         self._write_alias(name, alias, doc)
         return doc
 
+    def restore_alias(self, name: str, alias: str, doc: Mapping[str, Any] | None) -> None:
+        """Put back an alias record read earlier (``None``: the alias did not exist).
+
+        Deploy reads the record before moving the alias and restores it when the cluster
+        does not take the new version, so the registry never claims what is not serving.
+        """
+        if doc is None:
+            self.store.delete(self._alias_key(name, alias))
+        else:
+            self._write_alias(name, alias, dict(doc))
+
+    def start_canary(
+        self, name: str, version: int, percent: int, alias: str = DEFAULT_ALIAS
+    ) -> dict[str, Any]:
+        """Record that ``version`` takes ``percent`` of the traffic of ``alias``'s service.
+
+        The alias keeps pointing at the version that takes the rest (evaluation compares
+        against it, rollbacks return to it) until :meth:`finish_canary` moves it.
+        """
+        version = int(version)
+        self._require_ready(name, version)
+        current = self.alias_doc(name, alias)
+        if current is None:
+            raise RegistryError(
+                f"model {name!r} has no alias {alias!r} yet: a canary needs a version already "
+                "serving; promote without --canary"
+            )
+        if int(current["version"]) == version:
+            raise RegistryError(f"version {version} already holds alias {alias!r}")
+        doc = {
+            **{k: v for k, v in current.items() if k != "canary"},
+            "canary": {"version": version, "percent": int(percent), "started_at": utc_now()},
+            "updated_at": utc_now(),
+        }
+        self._write_alias(name, alias, doc)
+        return doc
+
+    def finish_canary(self, name: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
+        """Move ``alias`` to its canary version (all traffic); RegistryError if none runs."""
+        current = self.alias_doc(name, alias) or {}
+        canary = current.get("canary")
+        if not canary:
+            raise RegistryError(f"model {name!r} alias {alias!r} has no canary to finish")
+        doc = self.promote(name, int(canary["version"]), alias)
+        return doc
+
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
         """Move ``alias`` back: to the ``previous`` version it recorded, if that is still
         complete, else to the highest complete version below the current one.
@@ -366,6 +412,18 @@ class ModelRegistry:
             raise RegistryError(
                 f"model {name!r} has no alias {alias!r} to roll back (registry: {self.uri})"
             )
+        if current.get("canary"):
+            # A canary is rolled back by dropping it: the alias already holds the old version.
+            doc = {k: v for k, v in current.items() if k != "canary"}
+            doc.update(
+                {
+                    "updated_at": utc_now(),
+                    "action": "rollback",
+                    "rolled_back_from": int(current["canary"]["version"]),
+                }
+            )
+            self._write_alias(name, alias, doc)
+            return doc
         now = int(current["version"])
         ready = self._ready_versions(name)
         previous = current.get("previous")

@@ -57,7 +57,10 @@ def decode_image(data: bytes, *, max_pixels: int, where: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
-        raise BadImage(f"{where}: image claims too many pixels (decompression bomb)") from None
+        raise BadImage(
+            f"{where}: image claims more pixels than serve.max_image_pixels={max_pixels} "
+            "(a decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
         raise BadImage(
             f"{where}: not an image in a supported format ({', '.join(FORMATS)})"

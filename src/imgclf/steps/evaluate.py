@@ -20,7 +20,14 @@ from typing import Any
 
 from imgclf import config as config_mod
 from imgclf.config import EvaluateConfig, RegistryConfig
-from imgclf.contracts import DATASET_FILE, METRICS_FILE, MODEL_FILE, read_dataset_info
+from imgclf.contracts import (
+    DATASET_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREDICTIONS_COLUMNS,
+    PREDICTIONS_FILE,
+    read_dataset_info,
+)
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import DataError, ImgclfError, RegistryError, StorageError
 from imgclf.fsutil import atomic_dir, write_json, write_text
@@ -53,6 +60,7 @@ def _score(
     result = engine.evaluate(
         model, loader, device, top_k=cfg.top_k, amp_dtype=amp_dtype, keep_outputs=True
     )
+    result["paths"] = [path.relative_to(dataset_dir).as_posix() for path, _ in dataset.samples]
     return result, meta
 
 
@@ -241,9 +249,23 @@ def _write_eval_dir(
         (classes[t], classes[p])
         for t, p in zip(result["targets"], result["predictions"], strict=True)
     )
+    per_file = io.StringIO()
+    writer = csv.writer(per_file, lineterminator="\n")
+    writer.writerow(PREDICTIONS_COLUMNS)
+    writer.writerows(
+        (path, classes[t], classes[p], f"{probs[p]:.6f}")
+        for path, t, p, probs in zip(
+            result["paths"],
+            result["targets"],
+            result["predictions"],
+            result["probabilities"],
+            strict=True,
+        )
+    )
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
         write_text(tmp / "confusion.csv", buf.getvalue())
+        write_text(tmp / PREDICTIONS_FILE, per_file.getvalue())
         write_json(tmp / "confusion_matrix.json", {"classes": classes, "matrix": matrix})
         write_text(tmp / "model_card.md", model_card(metrics, meta))
         if (model_dir / "history.csv").is_file():

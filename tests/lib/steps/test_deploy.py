@@ -18,7 +18,9 @@ from imgclf.registry import ModelRegistry
 from imgclf.steps import deploy
 
 CRD = schema_path("kserve.serving.kserve.io_inferenceservices.yaml")
-PVC = DeployConfig(storage_uri_prefix="pvc://imgclf-models")
+# The smoke test and the rollout have their own tests (test_deploy_rollout.py); these are
+# about the registry and the manifest, on models the factory writes without a server.
+PVC = DeployConfig(storage_uri_prefix="pvc://imgclf-models", smoke_samples=0, apply=False)
 
 
 @pytest.fixture
@@ -153,7 +155,7 @@ def test_rolled_back_weights_are_not_repromoted_by_a_rerun(
 def test_local_registry_without_prefix_uses_file_uri(
     tmp_path: Path, registry_cfg: RegistryConfig
 ) -> None:
-    result = _run(tmp_path, registry_cfg, cfg=DeployConfig())
+    result = _run(tmp_path, registry_cfg, cfg=DeployConfig(smoke_samples=0, apply=False))
     expected = (tmp_path / "registry").resolve().as_uri() + "/models/digits/1/model"
     assert result["storage_uri"] == expected
     assert "local use only" in result["comment"]
