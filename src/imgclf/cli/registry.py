@@ -107,27 +107,89 @@ def _report_alias(args: argparse.Namespace, name: str, alias: str, doc: dict[str
     if args.json:
         _print_json({"model": name, "alias": alias, **doc})
         return
-    previous = doc.get("previous")
+    previous, canary = doc.get("previous"), doc.get("canary")
     print(
         f"{name}: alias {alias!r} -> version {doc['version']}"
         + (f" (previous: {previous})" if previous is not None else "")
+        + (f", canary: version {canary['version']} at {canary['percent']}%" if canary else "")
     )
+
+
+def _serve_change(
+    args: argparse.Namespace,
+    settings: config.RegistryConfig,
+    reg: ModelRegistry,
+    alias: str,
+    before: dict[str, Any] | None,
+    doc: dict[str, Any],
+) -> None:
+    """Render the InferenceService the alias record now asks for, write it (``--manifest``)
+    and, in a cluster, apply it; if it never becomes Ready, put the alias record back."""
+    from imgclf.errors import DeployError
+    from imgclf.serving import manifest as kserve
+    from imgclf.steps import deploy
+
+    cfg = config.section_of(
+        args.params_values, config.DeployConfig, "deploy", Path(args.params).name
+    )
+    registry = config.RegistryConfig(uri=settings.uri, model_name=args.name, alias=alias)
+    canary = doc.get("canary") or {}
+    version = int(canary.get("version") or doc["version"])
+    manifest, _, _ = deploy.manifest_for(cfg, registry, reg, version, canary.get("percent"))
+    if args.manifest:
+        from imgclf.fsutil import write_text
+
+        write_text(args.manifest, kserve.dump_yaml(manifest))
+        print(f"wrote {args.manifest}")
+    if not deploy.should_apply(cfg, args.kubeconfig):
+        print("no Kubernetes cluster configured (deploy.apply, kubeconfig): nothing applied")
+        return
+    try:
+        applied = deploy.apply_manifest(cfg, manifest, args.kubeconfig)
+    except DeployError:
+        reg.restore_alias(args.name, alias, before)
+        print(f"{args.name}: alias {alias!r} restored to version {(before or {}).get('version')}")
+        raise
+    print(f"InferenceService {cfg.namespace}/{args.name}: {applied['action']}, Ready")
 
 
 def _promote(args: argparse.Namespace) -> int:
     settings, reg = _open(args)
     alias = args.alias or settings.alias
-    doc = reg.promote(args.name, args.version, alias)
+    before = reg.alias_doc(args.name, alias)
+    if args.finish:
+        if args.version is not None or args.canary is not None:
+            raise config.ConfigError("promote --finish takes no version and no --canary")
+        doc = reg.finish_canary(args.name, alias)
+    elif args.version is None:
+        raise config.ConfigError("promote: give the version to promote (or --finish)")
+    elif args.canary is not None:
+        if not 0 < args.canary < 100:
+            raise config.ConfigError(f"--canary {args.canary}: expected a percentage 1..99")
+        doc = reg.start_canary(args.name, args.version, args.canary, alias)
+    else:
+        doc = reg.promote(args.name, args.version, alias)
     _report_alias(args, args.name, alias, doc)
+    _serve_change(args, settings, reg, alias, before, doc)
     return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
     settings, reg = _open(args)
     alias = args.alias or settings.alias
+    before = reg.alias_doc(args.name, alias)
     doc = reg.rollback(args.name, alias)
     _report_alias(args, args.name, alias, doc)
+    _serve_change(args, settings, reg, alias, before, doc)
     return 0
+
+
+def _add_serving(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kubeconfig", metavar="FILE", help="kubeconfig of the cluster to apply to "
+        "(default: in-cluster account, $KUBECONFIG, ~/.kube/config; see deploy.apply)",
+    )  # fmt: skip
+    p.add_argument("--manifest", metavar="FILE", help="also write the InferenceService YAML here")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -154,17 +216,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_common(p)
     p.set_defaults(func=_show)
 
-    p = sub.add_parser("promote", help="point an alias (default: registry.alias) at a version")
+    p = sub.add_parser(
+        "promote",
+        help="point an alias (default: registry.alias) at a version, or start/finish a canary",
+        description=(
+            "Point an alias at a version and, in a cluster, apply its InferenceService. "
+            "--canary 10 sends 10%% of the traffic to the version while the alias keeps the "
+            "current one; --finish moves the alias (and all traffic) to the canary."
+        ),
+    )
     p.add_argument("name", help="model name")
-    p.add_argument("version", type=int, help="version number (must be complete)")
+    p.add_argument("version", type=int, nargs="?", help="version number (must be complete)")
     p.add_argument("--alias", help="alias to move (default: registry.alias, e.g. production)")
+    p.add_argument("--canary", type=int, metavar="PERCENT", help="start a canary of VERSION")
+    p.add_argument("--finish", action="store_true", help="move all traffic to the canary")
+    _add_serving(p)
     _add_common(p)
     p.set_defaults(func=_promote)
 
     p = sub.add_parser(
-        "rollback", help="move an alias back to its previous version (or the next older one)"
+        "rollback",
+        help="move an alias back to its previous version (or drop its canary), and in a "
+        "cluster re-apply that version's InferenceService",
     )
     p.add_argument("name", help="model name")
     p.add_argument("--alias", help="alias to move (default: registry.alias, e.g. production)")
+    _add_serving(p)
     _add_common(p)
     p.set_defaults(func=_rollback)
