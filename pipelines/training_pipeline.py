@@ -171,6 +171,10 @@ def build_pipeline(
         service_account: str = dep["service_account"],
         serving_image: str = dep["image"],
         storage_uri_prefix: str = dep["storage_uri_prefix"],
+        smoke_samples: int = dep["smoke_samples"],
+        smoke_p95_ms: float = dep["smoke_p95_ms"],
+        canary_percent: int = dep["canary_percent"],
+        apply_inference_service: str = str(dep["apply"]).lower(),
         force: bool = False,
     ):
         """Train an image classifier when its data changed, and ship it if it is good enough.
@@ -224,6 +228,13 @@ def build_pipeline(
             service_account: Service account KServe reads the model with.
             serving_image: Image of the KServe predictor.
             storage_uri_prefix: Storage URI prefix for a registry not on S3 (e.g. pvc://...).
+            smoke_samples: Test images the deploy smoke test sends to the real model server
+                before promoting (0 skips it).
+            smoke_p95_ms: Highest p95 latency (ms) the smoke test accepts.
+            canary_percent: Share of traffic a new version takes first while another serves
+                (0: all at once; finish with imgclf registry promote --finish).
+            apply_inference_service: auto, true or false: apply the InferenceService from
+                the deploy task and wait for Ready (auto: when the pod has a service account).
             force: Train even if the dataset is unchanged since production.
         """
         ingest_task = ingest(
@@ -307,6 +318,7 @@ def build_pipeline(
 
             with dsl.If(evaluate_task.outputs["passed"] == True, name="quality-gate-passed"):  # noqa: E712
                 deploy_task = deploy(
+                    dataset=dataset,
                     trained_model=train_task.outputs["trained_model"],
                     evaluation=evaluate_task.outputs["evaluation"],
                     namespace=namespace,
@@ -316,6 +328,10 @@ def build_pipeline(
                     registry_uri=registry_uri,
                     model_name=model_name,
                     registry_alias=registry_alias,
+                    smoke_samples=smoke_samples,
+                    smoke_p95_ms=smoke_p95_ms,
+                    canary_percent=canary_percent,
+                    apply_inference_service=apply_inference_service,
                 )
                 deploy_task.set_caching_options(enable_caching=False)
                 use_retries(deploy_task, cluster)

@@ -52,7 +52,7 @@ OUTPUT_TYPES = {
         "confusion_matrix": "system.ClassificationMetrics",
         "model_card": "system.Markdown",
     },
-    "deploy": {"inference_service": "system.Artifact"},
+    "deploy": {"inference_service": "system.Artifact", "smoke_report": "system.Markdown"},
 }
 OUTPUT_PARAMETERS = {
     "check_retrain": {"should_retrain": "BOOLEAN", "reason": "STRING"},
@@ -82,6 +82,7 @@ QUALIFIED = {
     "registry_uri": (config.RegistryConfig, "uri"),
     "registry_alias": (config.RegistryConfig, "alias"),
     "serving_image": (config.DeployConfig, "image"),
+    "apply_inference_service": (config.DeployConfig, "apply"),
 }
 NOT_CONFIG = {"force"}  # a per-run decision, not a setting of any section
 

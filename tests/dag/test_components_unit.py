@@ -244,7 +244,14 @@ def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_pat
     assert should is True and "training the first model" in reason
 
     service = _artifact(dsl.Artifact, tmp_path, "deploy", "inference_service")
+    smoke = _artifact(dsl.Markdown, tmp_path, "deploy", "smoke_report")
     version, promoted = deploy.python_func(
+        dataset=chain.dataset,
+        smoke_report=smoke,
+        smoke_samples=4,
+        smoke_p95_ms=60_000.0,
+        canary_percent=0,
+        apply_inference_service="false",
         trained_model=chain.trained_model,
         evaluation=chain.evaluation,
         inference_service=service,
@@ -262,6 +269,9 @@ def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_pat
     assert manifest["metadata"]["namespace"] == "imgclf"
     assert "pvc://imgclf-models/" in json.dumps(manifest)
     assert service.metadata["version"] == 1 and service.metadata["promoted"] is True
+    report = Path(smoke.path).read_text(encoding="utf-8")
+    assert report.startswith("# Smoke test of `patterns`: PASSED")
+    assert service.metadata["smoke"]["samples"] == 4
 
     should, reason = check_retrain.python_func(force=False, **args)
     assert should is False and reason.startswith("nothing to retrain")

@@ -181,7 +181,7 @@ def test_dag_order_and_conditions(compiled: Compiled) -> None:
     assert "evaluate-passed" in inner["condition-2"]["triggerPolicy"]["condition"]
     assert set(compiled.spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"deploy"}
     deploy_inputs = tasks["deploy"]["inputs"]["artifacts"]
-    assert set(deploy_inputs) == {"trained_model", "evaluation"}
+    assert set(deploy_inputs) == {"dataset", "trained_model", "evaluation"}
     assert tasks["evaluate"]["inputs"]["artifacts"]["trained_model"]["taskOutputArtifact"] == {
         "producerTask": "train",
         "outputArtifactKey": "trained_model",
