@@ -343,6 +343,12 @@ class ModelRegistry:
         self._require_ready(name, version)
         current = self.alias_doc(name, alias)
         if current is not None and int(current["version"]) == version:
+            if current.get("canary"):
+                # Promoting what already serves ends a running canary: all traffic stays here.
+                doc = {k: v for k, v in current.items() if k != "canary"}
+                doc["updated_at"] = utc_now()
+                self._write_alias(name, alias, doc)
+                return doc
             return current
         doc = {
             "version": version,

@@ -315,9 +315,27 @@ def run(
         except DeployError as exc:
             reg.restore_alias(name, alias, before)
             failure = exc
-            result.update({"promoted": False, "canary": None, "applied": {"error": str(exc)}})
-            result["version"] = None if before is None else before.get("version")
-            result["reasons"] = [*reasons, f"rollout failed, alias {alias!r} restored: {exc}"]
+            restored = None if before is None else int(before["version"])
+            # The output must re-assert what serves now, not the rejected rollout.
+            manifest, uri, comment = (
+                (None, None, None)
+                if restored is None
+                else manifest_for(cfg, registry, reg, restored)
+            )
+            result.update(
+                {
+                    "promoted": False,
+                    "canary": None,
+                    "applied": {"error": str(exc)},
+                    "version": restored,
+                    "storage_uri": uri,
+                    "manifest": MANIFEST_FILE if manifest is not None else None,
+                    "reasons": [*reasons, f"rollout failed, alias {alias!r} restored: {exc}"],
+                }
+            )
+            result.pop("comment", None)
+            if comment:
+                result["comment"] = comment
     elif manifest is not None:
         log.info(
             "no Kubernetes cluster configured: wrote %s (apply it with kubectl apply -f)",
