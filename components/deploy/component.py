@@ -50,8 +50,9 @@ def deploy(
         smoke_p95_ms: Highest acceptable p95 latency of the smoke test, in ms.
         canary_percent: Share of traffic a new version takes first while another serves
             (0: all at once); ``imgclf registry promote --finish`` completes it.
-        apply_inference_service: ``auto`` (apply when the pod has a service account token, as in a cluster),
-            ``true`` or ``false``: whether to apply the InferenceService and wait for Ready.
+        apply_inference_service: ``auto`` (apply when the pod has a service account
+            token, as in a cluster), ``true`` or ``false``: whether to apply the
+            InferenceService and wait for Ready.
 
     Returns:
         version: Registry version the alias points to afterwards (0: none).
