@@ -82,7 +82,7 @@ class Prepared:
     """A decoded request on its way through predict and postprocess."""
 
     protocol: str
-    inputs: torch.Tensor
+    inputs: torch.Tensor | list[Any]  # a ready tensor (v2 FP32) or decoded PIL images
     started: float
     request_id: str | None = None
     probabilities: torch.Tensor | None = None
@@ -104,44 +104,46 @@ class ImageClassifier(Model):
     def load(self) -> bool:
         """Verify every file's sha256, rebuild the model from safetensors + ``model.json``
         (never unpickling), warm it up, and mark the model ready."""
+        from imgclf.errors import ConfigError
         from imgclf.training import engine
-        from imgclf.training.models import load_model_dir
         from imgclf.training.presets import ClassificationPresetEval
 
-        verify(self.source)
-        model, meta = load_model_dir(self.source.model_dir)
         if self.cfg.device not in ("auto", "cpu", "cuda"):
-            from imgclf.errors import ConfigError
-
             raise ConfigError(f"serve.device={self.cfg.device!r}: expected auto, cpu or cuda")
+        verify(self.source)
         self.device = engine.select_device(self.cfg.device)
         self.amp_dtype, _ = engine.amp_settings(self.device)
-        self.model = engine.prepare_model(model, self.device)
-        self.meta = meta
-        self.classes = [str(c) for c in meta["classes"]]
-        self.input_shape = tuple(int(d) for d in meta["input_size"])
-        self.transform = ClassificationPresetEval(
-            size=self.input_shape[1:], mean=meta["mean"], std=meta["std"]
-        )
-        self.top_k = min(self.cfg.top_k, len(self.classes))
-        self._forward(torch.zeros(1, *self.input_shape))  # first-call costs before ready
         self.batcher = MicroBatcher(
-            self._forward,
+            self._forward_batch,
             max_batch=self.cfg.max_batch_size,
             max_wait_s=self.cfg.max_batch_wait_ms / 1000.0,
             on_batch=self._observe_batch,
         )
+        self.batcher.run_on_worker(self._load_model)
+        self.classes = [str(c) for c in self.meta["classes"]]
+        self.transform = ClassificationPresetEval(
+            size=self.input_shape[1:], mean=self.meta["mean"], std=self.meta["std"]
+        )
+        self.top_k = min(self.cfg.top_k, len(self.classes))
         self.ready = True
         log.info(
             "serving %s as %r on %s: %s, %d classes, input %s",
-            self.source.description,
-            self.name,
-            self.device,
-            meta.get("architecture"),
-            len(self.classes),
-            "x".join(map(str, self.input_shape)),
-        )
+            self.source.description, self.name, self.device, self.meta.get("architecture"),
+            len(self.classes), "x".join(map(str, self.input_shape)),
+        )  # fmt: skip
         return self.ready
+
+    def _load_model(self) -> None:
+        """Build, place and warm up the model (on the forward thread: see run_on_worker)."""
+        from imgclf.training import engine
+        from imgclf.training.models import load_model_dir
+
+        model, meta = load_model_dir(self.source.model_dir)
+        self.model = engine.prepare_model(model, self.device)
+        self.meta = meta
+        self.input_shape = tuple(int(d) for d in meta["input_size"])
+        for size in (1, self.cfg.max_batch_size):  # first-call costs before ready
+            self._forward(torch.zeros(size, *self.input_shape))
 
     def stop(self) -> None:
         """Release the batcher's worker thread when the server shuts down."""
@@ -156,6 +158,17 @@ class ImageClassifier(Model):
         with torch.inference_mode():
             logits = engine.forward_logits(self.model, images, self.device, self.amp_dtype)
             return logits.softmax(dim=1).cpu()
+
+    def _forward_batch(self, items: list[torch.Tensor | list[Any]]) -> torch.Tensor:
+        """Class probabilities of a batch: decoded images go through the evaluation
+        transform here, on the forward thread (see :class:`MicroBatcher`)."""
+        with torch.inference_mode():
+            tensors = [
+                item if isinstance(item, torch.Tensor)
+                else torch.stack([self.transform(image) for image in item])
+                for item in items
+            ]  # fmt: skip
+            return self._forward(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
 
     def _observe_batch(self, images: int, seconds: float) -> None:
         BATCH_SIZE.labels(self.name).observe(images)
@@ -183,9 +196,8 @@ class ImageClassifier(Model):
         """Requests are validated while decoding (:meth:`preprocess`); nothing to add."""
         return payload
 
-    def _image_tensor(self, data: bytes, where: str) -> torch.Tensor:
-        image = decode_image(data, max_pixels=self.cfg.max_image_pixels, where=where)
-        return self.transform(image)
+    def _image(self, data: bytes, where: str) -> Any:
+        return decode_image(data, max_pixels=self.cfg.max_image_pixels, where=where)
 
     def _count(self, n: int, where: str) -> None:
         if n < 1:
@@ -210,19 +222,17 @@ class ImageClassifier(Model):
             f'{where}: expected {{"image": {{"b64": "<base64 PNG or JPEG>"}}}} or a base64 string'
         )
 
-    def _prepare_v1(self, payload: dict[str, Any]) -> torch.Tensor:
+    def _prepare_v1(self, payload: dict[str, Any]) -> list[Any]:
         instances = payload.get("instances")
         if not isinstance(instances, list):
             raise BadImage('request: expected {"instances": [...]} (KServe v1 protocol)')
         self._count(len(instances), "instances")
-        return torch.stack(
-            [
-                self._image_tensor(self._v1_bytes(inst, f"instances[{i}]"), f"instances[{i}]")
-                for i, inst in enumerate(instances)
-            ]
-        )
+        return [
+            self._image(self._v1_bytes(inst, f"instances[{i}]"), f"instances[{i}]")
+            for i, inst in enumerate(instances)
+        ]
 
-    def _prepare_v2(self, request: InferRequest) -> torch.Tensor:
+    def _prepare_v2(self, request: InferRequest) -> torch.Tensor | list[Any]:
         if len(request.inputs) != 1:
             raise BadImage(
                 f"inputs: expected exactly one input ({IMAGE_INPUT} BYTES or {TENSOR_INPUT} "
@@ -238,14 +248,14 @@ class ImageClassifier(Model):
                     f"{where}: shape {item.shape} does not fit the data: {exc}"
                 ) from None
             self._count(len(elements), where)
-            tensors = []
+            images = []
             for i, element in enumerate(elements):
                 at = f"{where}[{i}]"
                 data = element if isinstance(element, bytes) else str(element).encode()
                 if not _looks_like_image(data):
                     data = b64decode(data, at)
-                tensors.append(self._image_tensor(data, at))
-            return torch.stack(tensors)
+                images.append(self._image(data, at))
+            return images
         if item.datatype == "FP32":
             expected = list(self.input_shape)
             if len(item.shape) != 4 or list(item.shape[1:]) != expected:
@@ -264,8 +274,8 @@ class ImageClassifier(Model):
         raise BadImage(f"{where}: datatype {item.datatype!r} is not BYTES or FP32")
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Prepared:
-        """Decode and transform every image of the request (on a worker thread: the event
-        loop keeps accepting requests meanwhile)."""
+        """Decode every image of the request (on a worker thread: the event loop keeps
+        accepting requests meanwhile); the transform runs with the forward pass."""
         started = time.perf_counter()
         if isinstance(payload, bytes | bytearray):
             # KServe passes a body through undecoded when its Content-Type is not JSON (curl
@@ -292,7 +302,7 @@ class ImageClassifier(Model):
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
         """Class probabilities for every image, computed in a shared batch."""
-        payload.probabilities = await self.batcher.submit(payload.inputs)
+        payload.probabilities = await self.batcher.submit(payload.inputs, len(payload.inputs))
         return payload
 
     async def postprocess(
