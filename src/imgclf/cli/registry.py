@@ -126,7 +126,6 @@ def _serve_change(
     """Render the InferenceService the alias record now asks for, write it (``--manifest``)
     and, in a cluster, apply it; if it never becomes Ready, put the alias record back."""
     from imgclf.errors import DeployError
-    from imgclf.serving import manifest as kserve
     from imgclf.steps import deploy
 
     cfg = config.section_of(
@@ -139,7 +138,7 @@ def _serve_change(
     if args.manifest:
         from imgclf.fsutil import write_text
 
-        write_text(args.manifest, kserve.dump_yaml(manifest))
+        write_text(args.manifest, deploy.manifest_yaml(manifest))
         print(f"wrote {args.manifest}")
     if not deploy.should_apply(cfg, args.kubeconfig):
         print("no Kubernetes cluster configured (deploy.apply, kubeconfig): nothing applied")

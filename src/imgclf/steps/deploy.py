@@ -122,6 +122,11 @@ def manifest_for(
     return _render(cfg, registry, info, uri, canary_percent), uri, comment
 
 
+def manifest_yaml(manifest: dict[str, Any]) -> str:
+    """The manifest as YAML for ``kubectl apply -f``."""
+    return kserve.dump_yaml(manifest)
+
+
 def should_apply(cfg: DeployConfig, kubeconfig: str | None = None) -> bool:
     """``deploy.apply``: true, false, or auto (a kubeconfig or in-cluster account exists)."""
     from imgclf.serving import cluster
@@ -352,7 +357,7 @@ def run(
 
             write_text(tmp / SMOKE_REPORT, markdown(smoke, name=name))
         if manifest is not None:
-            write_text(tmp / MANIFEST_FILE, kserve.dump_yaml(manifest))
+            write_text(tmp / MANIFEST_FILE, manifest_yaml(manifest))
     if failure is not None:
         raise failure
     return result
