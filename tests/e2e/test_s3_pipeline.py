@@ -247,9 +247,13 @@ def test_every_step_reads_and_writes_s3_through_the_cli(
         "evaluate",
         *("--dataset", f"{run}/dataset", "--model", f"{run}/model", "--out", f"{run}/eval"),
     )
-    imgclf("deploy", "--model", f"{run}/model", "--eval", f"{run}/eval", "--out", f"{run}/deploy")
+    imgclf(
+        "deploy", "--dataset", f"{run}/dataset", "--model", f"{run}/model",
+        "--eval", f"{run}/eval", "--out", f"{run}/deploy",
+    )  # fmt: skip
     deploy = json.loads(store.read_bytes("run/deploy/deploy.json"))
     assert deploy["promoted"] is True and deploy["version"] == 1
+    assert deploy["smoke"]["passed"] is True and store.exists("run/deploy/smoke.md")
     assert deploy["storage_uri"] == f"{registry}/models/digits/1/model"
     assert store.exists(f"run/deploy/{MARKER}")
 

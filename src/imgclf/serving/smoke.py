@@ -36,6 +36,7 @@ import yaml
 
 from imgclf.config import DeployConfig, ServeConfig, to_dict
 from imgclf.contracts import read_eval_predictions
+from imgclf.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,15 @@ def run_smoke_test(
     Returns the report: ``passed``, ``reasons``, ``samples``, ``mismatches`` (file, expected,
     served), ``p50_ms``/``p95_ms``, ``startup_s``, ``v2_checked`` and ``log_tail`` when the
     server failed. A failed smoke test is a result, not an exception: deploy records it.
+    DataError when the sampled test images are not in ``dataset_dir`` (a wrong input).
     """
     rows = _sample(read_eval_predictions(eval_dir), deploy.smoke_samples)
+    missing = [row["path"] for row in rows if not (Path(dataset_dir) / row["path"]).is_file()]
+    if missing:
+        raise DataError(
+            f"{Path(dataset_dir) / missing[0]}: test image of {eval_dir}/predictions.csv not "
+            f"found ({len(missing)} missing); pass the dataset dir the model was evaluated on"
+        )
     report: dict[str, Any] = {
         "passed": False,
         "reasons": [],

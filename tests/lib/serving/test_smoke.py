@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import ServedModel
 from imgclf.config import DeployConfig, RegistryConfig, ServeConfig
 from imgclf.contracts import WEIGHTS_FILE, read_eval_predictions
@@ -132,3 +134,21 @@ def test_no_samples_skips_the_smoke_test(served_model: ServedModel, tmp_path: Pa
     assert result["smoke"] == {"passed": True, "skipped": True, "reasons": []}
     assert result["promoted"] is True
     assert not (tmp_path / "out" / deploy.SMOKE_REPORT).exists()
+
+
+def test_a_dataset_without_the_evaluated_images_is_one_line(
+    served_model: ServedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imgclf.cli import main
+
+    code = main(
+        [
+            "deploy", "--dataset", str(tmp_path / "elsewhere"),
+            "--model", str(served_model.model_dir), "--eval", str(served_model.eval_dir),
+            "--out", str(tmp_path / "deploy"), "--registry", str(tmp_path / "registry"),
+            "--set", "apply=false",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "elsewhere" in err[0] and "not found" in err[0]
+    assert not (tmp_path / "deploy").exists() and not (tmp_path / "registry").exists()
