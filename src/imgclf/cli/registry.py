@@ -1,13 +1,15 @@
-"""``imgclf registry list|show|promote|rollback``: inspect versions and move aliases by hand.
+"""``imgclf registry list|show|promote|rollback|verify|gc``: inspect and look after versions.
 
 The deploy step promotes automatically; these commands are for people: see what is in the
-registry, promote a version the gate rejected on purpose, or roll production back after a
-bad release. The registry location defaults to ``registry.uri`` in params.yaml.
+registry, promote a version the gate rejected on purpose, roll production back after a bad
+release, check that stored files still match what was published, and remove what killed
+publishes left behind. The registry location defaults to ``registry.uri`` in params.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,13 @@ from typing import Any
 from imgclf import config
 from imgclf.cli import add_params_flag
 from imgclf.cli.output import format_table
-from imgclf.registry import ModelRegistry, VersionInfo
+from imgclf.errors import RegistryError
+from imgclf.registry import (
+    DEFAULT_GC_GRACE,
+    ModelRegistry,
+    VersionInfo,
+    VersionIntegrityError,
+)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -76,11 +84,23 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    """Print one version; its files are checked against READY too, so a damaged version
+    is not shown as healthy (exit 1 after the listing, naming the file)."""
     _, reg = _open(args)
     info = reg.get(args.name, args.version)
+    problems = reg.verify(args.name, args.version)
     if args.json:
-        _print_json(info.to_dict())
-        return 0
+        _print_json({**info.to_dict(), "problems": [p.to_dict() for p in problems]})
+    else:
+        _print_info(info, "ok: every file matches READY" if not problems else "DAMAGED")
+    if problems:
+        raise VersionIntegrityError.of(
+            problems, f"`imgclf registry verify {args.name}` checks every version"
+        )
+    return 0
+
+
+def _print_info(info: VersionInfo, integrity: str) -> None:
     lineage = info.lineage
     fields = [
         ("model", info.name),
@@ -96,11 +116,11 @@ def _show(args: argparse.Namespace) -> int:
         ("git_commit", str(lineage.get("git_commit") or "-")),
         ("model_sha256", str(info.model_sha256 or "-")),
         ("files", ", ".join(sorted(info.files))),
+        ("integrity", integrity),
     ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key.ljust(width)}  {value}")
-    return 0
 
 
 def _report_alias(args: argparse.Namespace, name: str, alias: str, doc: dict[str, Any]) -> None:
@@ -183,6 +203,52 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """One line per damaged file, then a summary; exit 1 if anything is damaged."""
+    _, reg = _open(args)
+    problems = reg.verify(args.name, args.version)
+    names = [args.name] if args.name else reg.models()
+    checked = 1 if args.version is not None else sum(len(reg.ready_versions(n)) for n in names)
+    if args.json:
+        _print_json({"checked_versions": checked, "problems": [p.to_dict() for p in problems]})
+    else:
+        for problem in problems:
+            print(problem)
+    if problems:
+        damaged = len({(p.name, p.version) for p in problems})
+        raise RegistryError(
+            f"{len(problems)} damaged file(s) in {damaged} of {checked} complete version(s) "
+            f"in registry {reg.uri}"
+        )
+    if not args.json:
+        print(f"{checked} complete version(s) in registry {reg.uri}: every file matches READY")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    """Remove (or list, with --dry-run) incomplete versions older than --older-than."""
+    _, reg = _open(args)
+    if args.older_than < 0:
+        raise config.ConfigError(f"--older-than {args.older_than:g}: expected hours >= 0")
+    entries = reg.gc(
+        args.name, older_than=dt.timedelta(hours=args.older_than), dry_run=args.dry_run
+    )
+    if args.json:
+        _print_json([entry.to_dict() for entry in entries])
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in entries:
+        print(
+            f"{verb} {reg.uri.rstrip('/')}/{entry.prefix}: incomplete, {entry.objects} "
+            f"object(s), newest {entry.newest.isoformat(timespec='seconds')}"
+        )
+    print(
+        f"{verb} {len(entries)} incomplete version(s) older than {args.older_than:g} h "
+        f"from registry {reg.uri}"
+    )
+    return 0
+
+
 def _add_serving(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kubeconfig", metavar="FILE", help="kubeconfig of the cluster to apply to "
@@ -192,13 +258,14 @@ def _add_serving(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``imgclf registry <list|show|promote|rollback>``."""
+    """Add ``imgclf registry <list|show|promote|rollback|verify|gc>``."""
     parser = subparsers.add_parser(
         "registry",
-        help="list model versions, show one, promote or roll back an alias",
+        help="list model versions, show one, promote or roll back an alias, verify, gc",
         description=(
             "Inspect model versions and move aliases by hand: promote a version on purpose, "
-            "or roll an alias back after a bad release. The registry defaults to "
+            "or roll an alias back after a bad release; check stored files against what was "
+            "published; remove what failed publishes left. The registry defaults to "
             "registry.uri in params.yaml."
         ),
     )
@@ -243,3 +310,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_serving(p)
     _add_common(p)
     p.set_defaults(func=_rollback)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every stored file of complete versions against its READY sha256",
+        description=(
+            "Hash every file of every complete version (of NAME; only VERSION when given) "
+            "as it streams from the store and compare it with the sha256 recorded in READY "
+            "at publish time. Prints one line per missing, altered or unlisted file and "
+            "exits non-zero if there is any."
+        ),
+    )
+    p.add_argument("name", nargs="?", help="model name (default: every model)")
+    p.add_argument("version", type=int, nargs="?", help="version number (default: all)")
+    _add_common(p)
+    p.set_defaults(func=_verify)
+
+    default_hours = DEFAULT_GC_GRACE.total_seconds() / 3600
+    p = sub.add_parser(
+        "gc",
+        help="remove incomplete versions (no READY) left by failed publishes",
+        description=(
+            "Remove the versions without READY (publishes that died) whose newest object is "
+            "older than --older-than hours. Complete versions and versions an alias names "
+            "are never touched. The grace period must exceed the longest publish, or a "
+            "publish still uploading loses its files."
+        ),
+    )
+    p.add_argument("name", nargs="?", help="model name (default: every model)")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=default_hours,
+        metavar="HOURS",
+        help="only versions whose newest object is at least this old (default: %(default)g)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
+    _add_common(p)
+    p.set_defaults(func=_gc)

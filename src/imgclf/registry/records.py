@@ -1,5 +1,6 @@
 """What the model registry records and returns: valid names, timestamps, who published,
-and the frozen views of a version (:class:`VersionInfo`) and of an alias (:class:`Champion`).
+the frozen views of a version (:class:`VersionInfo`) and of an alias (:class:`Champion`),
+and what ``verify`` and ``gc`` report (:class:`IntegrityProblem`, :class:`GcEntry`).
 
 Kept apart from :mod:`imgclf.registry.model_registry`, which does the storing, so that
 callers formatting or checking these values need not read the store logic.
@@ -89,3 +90,43 @@ class Champion:
     model_json: Mapping[str, Any] | None
     metrics: Mapping[str, Any]
     dataset_hash: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrityProblem:
+    """One stored file of a complete version that differs from its ``READY`` record.
+
+    ``key`` is relative to the registry root; ``where`` is the full location (the registry
+    URI joined with it), the thing a user opens or deletes.
+    """
+
+    name: str
+    version: int
+    key: str
+    detail: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (``imgclf registry verify --json``)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcEntry:
+    """An incomplete version (no ``READY``) that ``gc`` removed, or would remove in a dry run."""
+
+    name: str
+    version: int
+    prefix: str
+    objects: int
+    newest: dt.datetime
+    removed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (``imgclf registry gc --json``)."""
+        out = dataclasses.asdict(self)
+        out["newest"] = self.newest.isoformat(timespec="seconds")
+        return out

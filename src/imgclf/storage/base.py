@@ -39,6 +39,16 @@ class Store(Protocol):
         """Create or replace one object atomically."""
         ...
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create ``key`` holding ``data`` only if no object exists there; True if this call
+        created it, False if it already existed (or another writer holds it).
+
+        Of any number of concurrent callers on one key, at most one ever gets True, and
+        readers never see partial content. It is what lets writers that do not know of each
+        other (two deploys, two hosts) agree on who owns a name, such as a version number.
+        """
+        ...
+
     def upload_file(self, path: Path, key: str) -> None:
         """Copy a local file to ``key``."""
         ...
@@ -57,6 +67,21 @@ class Store(Protocol):
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
         """Remove one object, or everything under a prefix when ``recursive``."""
+        ...
+
+    def content_sha256(self, key: str) -> str:
+        """The sha256 of the bytes stored at ``key`` now, read in chunks; StorageError naming
+        the key if it is missing.
+
+        Always computed from the content, never taken from stored metadata: integrity checks
+        compare it with what a marker recorded at publish time, and metadata is rewritten by
+        whoever replaces the object, so it cannot vouch for the bytes.
+        """
+        ...
+
+    def modified_times(self, prefix: str = "") -> dict[str, _dt.datetime]:
+        """Last-modified time (timezone-aware UTC) of every key :meth:`list` returns under
+        ``prefix``, from one listing; used to tell abandoned writes from running ones."""
         ...
 
 

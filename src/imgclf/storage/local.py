@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from imgclf.errors import StorageError
+from imgclf.fsutil import sha256_file
+
+# link(2) is refused with these by filesystems without hard links (some FUSE, SMB mounts)
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class LocalStore:
@@ -66,6 +72,41 @@ class LocalStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create a file only if none exists: written to a temp name, then hard-linked.
+
+        ``link`` fails if the name exists, atomically, so of concurrent writers (threads,
+        processes, hosts on one NFS share) exactly one creates the file, and it appears with
+        its whole content. Where hard links are not supported, ``O_CREAT | O_EXCL`` decides
+        instead; a reader may then briefly see the file shorter than ``data``.
+        """
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            return self._create_with_o_excl(target, data)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_with_o_excl(target: Path, data: bytes) -> bool:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+
     def upload_file(self, path: Path, key: str) -> None:
         """Copy a local file into the store (temp copy, then rename)."""
         target = self._path(key)
@@ -115,3 +156,22 @@ class LocalStore:
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+
+    def content_sha256(self, key: str) -> str:
+        """The file's sha256, read in chunks; StorageError naming the path if it is missing."""
+        path = self._path(key)
+        try:
+            return sha256_file(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageError(f"{path}: not found") from None
+
+    def modified_times(self, prefix: str = "") -> dict[str, dt.datetime]:
+        """Modification time (UTC) of every file :meth:`list` returns under ``prefix``."""
+        times = {}
+        for key in self.list(prefix):
+            try:
+                mtime = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            times[key] = dt.datetime.fromtimestamp(mtime, dt.UTC)
+        return times

@@ -19,6 +19,7 @@ and key; the secret key never appears in them.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import logging
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 SHA256_METADATA = "sha256"  # the SDK sends it as x-amz-meta-sha256
 SHA256_HEADER = "x-amz-meta-sha256"
 _CHUNK = 1 << 20
+# a conditional PUT that did not create the object: it exists (412), or a concurrent
+# conditional write to the same key is in progress (409, AWS)
+_NOT_CREATED = {"PreconditionFailed", "ConditionalRequestConflict"}
+# answers of servers that do not implement conditional PUTs at all
+_UNSUPPORTED = {"NotImplemented", "InvalidArgument", "InvalidRequest"}
 
 T = TypeVar("T")
 
@@ -89,6 +95,7 @@ class S3Store:
         self.client = client
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._bucket_ready = False
+        self._conditional: bool | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -163,24 +170,46 @@ class S3Store:
     # -- buckets -----------------------------------------------------------------------
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (once per store; writes call this)."""
+        """Create the bucket if it does not exist: for callers that mean to create it
+        (``imgclf dev s3 --bucket``); writes call :meth:`require_bucket` instead."""
         with self._lock:
             if self._bucket_ready:
                 return
+            self._call("create bucket", None, self._make_bucket)
+            self._bucket_ready = True
 
-            def make() -> None:
-                if self.client.bucket_exists(self.bucket):
-                    return
-                try:
-                    self.client.make_bucket(self.bucket, location=self.settings.region)
-                except S3Error as exc:
-                    # another writer created it first (parallel stages, other hosts)
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
-                    if not self.client.bucket_exists(self.bucket):
-                        raise
+    def _make_bucket(self) -> None:
+        if self.client.bucket_exists(self.bucket):
+            return
+        try:
+            self.client.make_bucket(self.bucket, location=self.settings.region)
+        except S3Error as exc:
+            # another writer created it first (parallel stages, other hosts)
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+            if not self.client.bucket_exists(self.bucket):
+                raise
 
-            self._call("create bucket", None, make)
+    def require_bucket(self) -> None:
+        """StorageError unless the bucket exists (checked once per store; writes call this).
+
+        A missing bucket is created only when ``settings.create_bucket`` asks for it: a typo
+        in a bucket name would otherwise silently start a new, empty registry or dataset
+        store that nothing else reads, instead of failing where the typo is.
+        """
+        with self._lock:
+            if self._bucket_ready:
+                return
+            if self.settings.create_bucket:
+                self._call("create bucket", None, self._make_bucket)
+            elif not self._call(
+                "check bucket", None, lambda: self.client.bucket_exists(self.bucket)
+            ):
+                raise StorageError(
+                    f"bucket {self.bucket} does not exist at {self.settings.url}; create it "
+                    f"(e.g. `imgclf dev s3 --bucket {self.bucket}` or `mc mb`) or set "
+                    "s3.create_bucket: true (IMGCLF_S3_CREATE_BUCKET=true)"
+                )
             self._bucket_ready = True
 
     # -- the Store protocol --------------------------------------------------------------
@@ -204,26 +233,37 @@ class S3Store:
 
     def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
         """Keys under ``prefix`` (sorted); non-recursive lists one level, dirs end with '/'."""
+        return sorted(key for key, _ in self._listing(prefix, recursive))
+
+    def modified_times(self, prefix: str = "") -> dict[str, dt.datetime]:
+        """Last-modified time (the server's clock, UTC) of every key under ``prefix``."""
+        return {
+            key: when
+            for key, when in self._listing(prefix, recursive=True)
+            if isinstance(when, dt.datetime)
+        }
+
+    def _listing(self, prefix: str, recursive: bool) -> list[tuple[str, dt.datetime | None]]:
+        """(store-relative key, last-modified) of the objects under ``prefix``, one LIST."""
         base = self._name(prefix)
         s3_prefix = base + "/" if base else ""
         cut = len(self.prefix) + 1 if self.prefix else 0
 
-        def names() -> list[str]:
+        def objects() -> list[tuple[str, dt.datetime | None]]:
             try:
-                objects = self.client.list_objects(
-                    self.bucket, prefix=s3_prefix, recursive=recursive
-                )
-                return [o.object_name for o in objects if o.object_name]
+                found = self.client.list_objects(self.bucket, prefix=s3_prefix, recursive=recursive)
+                return [(o.object_name, o.last_modified) for o in found if o.object_name]
             except S3Error as exc:
                 if exc.code == "NoSuchBucket":
                     return []
                 raise
 
-        found = self._call("list", prefix, names)
         # zero-byte "folder/" marker objects made by some tools are not files
-        return sorted(
-            n[cut:] for n in found if n != s3_prefix and not (recursive and n.endswith("/"))
-        )
+        return [
+            (name[cut:], when)
+            for name, when in self._call("list", prefix, objects)
+            if name != s3_prefix and not (recursive and name.endswith("/"))
+        ]
 
     def read_bytes(self, key: str) -> bytes:
         """The object's content, checked against its stored sha256."""
@@ -247,7 +287,7 @@ class S3Store:
 
     def _put_bytes(self, action: str, key: str, data: bytes) -> None:
         name = self._require_name(key)
-        self.ensure_bucket()
+        self.require_bucket()
         metadata: dict[str, Any] = {SHA256_METADATA: hashlib.sha256(data).hexdigest()}
         self._call(
             action,
@@ -263,6 +303,94 @@ class S3Store:
                 num_parallel_uploads=1,
             ),
         )
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if no object is there: one PUT with ``If-None-Match: *``,
+        which the server answers 412 when the object exists. AWS S3 and recent MinIO and
+        SeaweedFS decide it atomically (SeaweedFS up to 4.16 let concurrent conditional PUTs
+        all win, seaweedfs/seaweedfs#8800; the bundled 4.x release is checked by the tests).
+
+        A server that ignores the header would let every writer win, so whether this
+        endpoint enforces it is probed once per store (:meth:`conditional_writes`); where it
+        does not, :meth:`_create_by_contention` decides with plain PUTs and a listing.
+        A PUT retried after its answer was lost reads 412 and returns False: the caller
+        then moves on, leaving an object nobody owns, which is safe.
+        """
+        name = self._require_name(key)
+        self.require_bucket()
+        if not self.conditional_writes():
+            return self._create_by_contention(key, data)
+        return self._call("create", key, lambda: self._put_if_absent(name, data))
+
+    def conditional_writes(self) -> bool:
+        """Whether the endpoint refuses a PUT with ``If-None-Match: *`` over an existing
+        object; probed once per store by writing a scratch object twice (then deleted)."""
+        with self._lock:
+            if self._conditional is not None:
+                return self._conditional
+        probe = f".imgclf-probe-{uuid.uuid4().hex}"
+        name = self._require_name(probe)
+        self.require_bucket()
+
+        def twice() -> bool:
+            if not self._put_if_absent(name, b"1"):
+                return False  # 412 on a key nobody wrote: not a server to rely on
+            return not self._put_if_absent(name, b"2")
+
+        try:
+            enforced = self._call("probe conditional PUT", probe, twice)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, S3Error) or exc.__cause__.code not in _UNSUPPORTED:
+                raise
+            enforced = False
+        finally:
+            self.delete(probe)
+        if not enforced:
+            log.info("%s does not enforce If-None-Match on PUT: claims by listing", self)
+        with self._lock:
+            self._conditional = enforced
+        return enforced
+
+    def _put_if_absent(self, name: str, data: bytes) -> bool:
+        """One PUT of ``data`` with ``If-None-Match: *``; False when the server refuses it
+        because the object exists (412) or a concurrent conditional write won (409)."""
+        put = getattr(self.client, "_put_object", None)
+        if put is None:  # an SDK without it: report "not enforced", the listing protocol is used
+            return False
+        headers = {
+            "Content-Type": content_type(name),
+            SHA256_HEADER: hashlib.sha256(data).hexdigest(),
+            "If-None-Match": "*",
+        }
+        try:
+            # minio 7.2's put_object sends no request headers of ours (unknown keys become
+            # x-amz-meta-*); _put_object is the single PUT it calls underneath
+            put(self.bucket, name, data, headers=headers)
+        except S3Error as exc:
+            if exc.code in _NOT_CREATED:
+                return False
+            raise
+        return True
+
+    def _create_by_contention(self, key: str, data: bytes) -> bool:
+        """Create-if-absent without conditional PUTs: each caller adds a contender object
+        ``<key>.contenders/<random>``, lists them, and wins only if its own is the only one.
+
+        Two winners would each have listed before the other's contender was written, while
+        each wrote its own before listing: impossible on a store whose listings show every
+        completed PUT (S3 is strongly consistent since 2020). Callers that see each other
+        all lose, and contenders are never removed, so a contended key stays uncreated and
+        every later caller loses too: safe, and the registry simply takes the next number.
+        """
+        if self.exists(key):
+            return False
+        contenders = f"{key}.contenders"
+        mine = f"{contenders}/{uuid.uuid4().hex}"
+        self._put_bytes("write", mine, b"")
+        if self.list(contenders) != [mine]:
+            return False
+        self._put_bytes("create", key, data)
+        return True
 
     def upload_file(self, path: Path, key: str) -> None:
         """Copy a local file to ``key``, multipart above ``part_size``, with its sha256.
@@ -288,7 +416,7 @@ class S3Store:
             self._put_bytes("upload", key, data)
             return
         name = self._require_name(key)
-        self.ensure_bucket()
+        self.require_bucket()
         metadata: dict[str, Any] = {SHA256_METADATA: sha256_file(path)}
         self._call(
             "upload",
@@ -343,7 +471,7 @@ class S3Store:
             if p.is_file()
         ]
         if pairs:
-            self.ensure_bucket()
+            self.require_bucket()
         run_parallel(
             self.settings.workers, [lambda p=p, k=k: self.upload_file(p, k) for p, k in pairs]
         )
@@ -405,6 +533,23 @@ class S3Store:
                 )
 
         self._call("delete", key_or_prefix, remove_all)
+
+    def content_sha256(self, key: str) -> str:
+        """The sha256 of the object's bytes, streamed in chunks (never from its metadata)."""
+        name = self._require_name(key)
+
+        def digest() -> str:
+            response = self.client.get_object(self.bucket, name)
+            try:
+                hasher = hashlib.sha256()
+                for chunk in response.stream(_CHUNK, decode_content=False):
+                    hasher.update(chunk)
+                return hasher.hexdigest()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("read", key, digest)
 
     # -- beyond the protocol --------------------------------------------------------------
 

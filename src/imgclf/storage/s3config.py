@@ -26,6 +26,8 @@ Environment variables read:
 ``IMGCLF_S3_RETRIES``                          retries on connection errors and 5xx (default 3)
 ``IMGCLF_S3_PART_SIZE``                        multipart part size in bytes (default 16 MiB)
 ``IMGCLF_S3_WORKERS``                          parallel transfers (default 8)
+``IMGCLF_S3_CREATE_BUCKET``                    create a missing bucket on the first write
+                                               (default false: a missing bucket is an error)
 ===========================================  ===========================================
 """
 
@@ -77,6 +79,7 @@ class S3Params:
     retries: int | None = None
     part_size: int | None = None
     workers: int | None = None
+    create_bucket: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,9 @@ class S3Settings:
     retries: int = 3
     part_size: int = 16 * MIB
     workers: int = 8
+    # Off by default: a write to a bucket that does not exist is far more often a typo in a
+    # URI than a wish for a new bucket, and would quietly start an empty registry.
+    create_bucket: bool = False
 
     def __post_init__(self) -> None:
         for name in _LIMITS:
@@ -177,7 +183,11 @@ class S3Settings:
                     raise ConfigError(f"{var}={raw!r}: expected a {parse.__name__}") from None
                 _check_value(name, values[name], var)
 
-        for name in ("region", "timeout", "retries", "part_size", "workers"):
+        create_bucket = _env_bool(env, "IMGCLF_S3_CREATE_BUCKET")
+        if create_bucket is not None:
+            values["create_bucket"] = create_bucket
+
+        for name in ("region", "timeout", "retries", "part_size", "workers", "create_bucket"):
             value = getattr(params, name)
             if value is not None:
                 _check_value(name, value, f"{where}.{name}")

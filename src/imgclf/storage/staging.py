@@ -106,9 +106,13 @@ def _output_store(uri: str) -> Store:
             f"{uri}: an output needs its own prefix (s3://{bucket}/<prefix>); writing it "
             "replaces everything under the location, here the whole bucket"
         )
-    store = open_store(uri)
-    # fail fast: a wrong endpoint or wrong credentials are reported before the step runs
+    from imgclf.storage.s3 import S3Store  # only remote outputs get here: minio is needed
+
+    store = S3Store.from_uri(uri)
+    # fail fast: a wrong endpoint, wrong credentials or a missing bucket are reported
+    # before the step runs, not after an hour of training
     store.exists(MARKER)
+    store.require_bucket()
     return store
 
 

@@ -61,7 +61,7 @@ def test_lifecycle_loopback_only_and_clean_stop(tmp_path: Path) -> None:
         assert credentials.stat().st_mode & 0o777 == 0o600
         assert info.secret_key not in repr(info)
 
-        store = S3Store("lifecycle", "", info.settings())
+        store = S3Store("lifecycle", "", info.settings(create_bucket=True))
         store.write_bytes("k.txt", b"v")
         assert store.read_bytes("k.txt") == b"v"
     assert not alive(info.pid)
@@ -74,7 +74,7 @@ def test_lifecycle_loopback_only_and_clean_stop(tmp_path: Path) -> None:
 def test_restart_and_crash_keep_endpoint_credentials_and_data(tmp_path: Path) -> None:
     server = SeaweedServer(tmp_path / "data")
     with server as first:
-        settings = first.settings(timeout=2.0)
+        settings = first.settings(timeout=2.0, create_bucket=True)
         S3Store("keep", "", settings).write_bytes("model.bin", b"weights")
 
         second = server.restart()
@@ -226,7 +226,7 @@ def test_cli_prints_working_exports_and_stops_on_sigterm(tmp_path: Path) -> None
         assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
         assert exports["AWS_SECRET_ACCESS_KEY"] in output  # generated keys are shown once
         assert re.search(r"ready in \d+\.\ds", output)
-        store = S3Store("cli", "", S3Settings.from_env(exports))
+        store = S3Store("cli", "", S3Settings.from_env({**exports, "IMGCLF_S3_CREATE_BUCKET": "1"}))
         store.write_bytes("hello.txt", b"hi")
         assert store.read_bytes("hello.txt") == b"hi"
     finally:
@@ -244,7 +244,9 @@ def test_cli_uses_env_credentials_hides_secret_and_stops_on_ctrl_c(tmp_path: Pat
         exports = _exports(output)
         assert exports["AWS_ACCESS_KEY_ID"] == "IMGCLFDEVFROMENV0001"
         assert "AWS_SECRET_ACCESS_KEY" not in exports
-        settings = S3Settings.from_env({**exports, "AWS_SECRET_ACCESS_KEY": SECRET})
+        settings = S3Settings.from_env(
+            {**exports, "AWS_SECRET_ACCESS_KEY": SECRET, "IMGCLF_S3_CREATE_BUCKET": "1"}
+        )
         S3Store("cli-env", "", settings).write_bytes("k", b"v")
     finally:
         code, rest = _stop(proc, signal.SIGINT, lines)

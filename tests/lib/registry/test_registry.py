@@ -54,6 +54,10 @@ class RecordingStore:
         self.calls.append(("write_bytes", key))
         self.inner.write_bytes(key, data)
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        self.calls.append(("create_exclusive", key))
+        return self.inner.create_exclusive(key, data)
+
     def upload_file(self, path: Path, key: str) -> None:
         self.calls.append(("upload_file", key))
         self.inner.upload_file(path, key)
@@ -183,7 +187,7 @@ def test_publish_writes_ready_last(tmp_path: Path, models: list[Path]) -> None:
     recording = RecordingStore(LocalStore(tmp_path / "registry"))
     ModelRegistry(recording).publish(NAME, models[0], METRICS, LINEAGE)
     keys = [key for _, key in recording.calls]
-    assert keys[0] == "models/digits/1/CLAIM"
+    assert recording.calls[0] == ("create_exclusive", "models/digits/1/CLAIM")
     assert keys[-1] == "models/digits/1/READY"
     assert "models/digits/1/lineage.json" in keys and "models/digits/1/metrics.json" in keys
     # the model dir goes up as one tree (parallel on S3), not file by file

@@ -94,12 +94,14 @@ def test_sha256_is_stored_and_verified(s3_store: S3Store, tmp_path: Path) -> Non
     assert s3_store.sha256("plain.txt") == hashlib.sha256(b"plain").hexdigest()
 
 
-def test_open_store_uses_env_and_creates_bucket_on_first_write(
+def test_open_store_uses_env_and_creates_bucket_on_first_write_when_asked(
     s3_env: dict[str, str],
     s3_settings: S3Settings,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # run from the repository root on purpose: its params.yaml is not read below the CLI
+    monkeypatch.setenv("IMGCLF_S3_CREATE_BUCKET", "true")  # off by default: a typo'd bucket
     bucket = new_bucket_name("ondemand")
     store = open_store(f"s3://{bucket}/pre/fix")
     assert isinstance(store, S3Store)
