@@ -20,7 +20,11 @@ Supported URIs:
 
 Archives are untrusted input: every member is checked before anything is extracted, and
 one bad member (absolute path, ``..``, a link leaving the target, a device file) refuses
-the whole archive.
+the whole archive. Sizes are bounded as well (``ingest.max_download_bytes`` for http(s) and
+S3 archive downloads, :class:`~imgclf.data.archive.ArchiveLimits` for what an archive
+expands to), so a hostile source is refused before it fills the disk. HTTP redirects are
+followed to http(s) only, and Basic credentials from the URL are dropped as soon as a
+redirect changes scheme, host or port, as browsers and ``requests`` do.
 """
 
 from __future__ import annotations
@@ -35,16 +39,19 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from imgclf import __version__
+from imgclf.config import IngestConfig
 from imgclf.data.archive import (
+    ArchiveLimits,
     archive_kind,
     archive_kind_from_name,
     extract_archive,
     extract_download,
+    format_bytes,
     is_within,
 )
 from imgclf.data.layout import find_images
@@ -53,7 +60,17 @@ from imgclf.errors import ConfigError, DataError
 from imgclf.fsutil import atomic_dir
 from imgclf.storage.s3config import S3Settings, resolve_s3_settings
 
+if TYPE_CHECKING:
+    from http.client import HTTPMessage
+
+    from imgclf.storage.s3 import S3Store
+
 log = logging.getLogger(__name__)
+
+_DEFAULTS = IngestConfig()  # the one home of the limits' defaults
+_CHUNK = 1 << 20
+_HTTP_SCHEMES = ("http", "https")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +78,34 @@ class SourceOptions:
     """Settings a source may need besides its URI.
 
     One object for all sources so the registry can build any of them the same way; each
-    source reads only its own fields (``image_size`` for samples, ``timeout_s`` for HTTP,
-    ``s3`` for S3: non-secret :class:`~imgclf.storage.s3config.S3Params` keys that override
-    params.yaml's ``s3:`` section for ingest only).
+    source reads only its own fields (``image_size`` for samples, ``timeout_s`` and
+    ``max_download_bytes`` for HTTP, ``s3`` and ``max_download_bytes`` for S3: ``s3`` holds
+    non-secret :class:`~imgclf.storage.s3config.S3Params` keys that override params.yaml's
+    ``s3:`` section for ingest only; ``archive_limits`` for anything extracted;
+    ``allow_external_links`` for the scan of the materialized tree).
     """
 
     image_size: int = 32
     timeout_s: float = 60.0
     s3: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_download_bytes: int = _DEFAULTS.max_download_bytes
+    archive_limits: ArchiveLimits = dataclasses.field(default_factory=ArchiveLimits)
+    allow_external_links: bool = _DEFAULTS.allow_external_links
+
+    @classmethod
+    def from_config(cls, cfg: IngestConfig) -> SourceOptions:
+        """The options an :class:`~imgclf.config.IngestConfig` sets (the rest keep defaults)."""
+        return cls(
+            image_size=cfg.image_size,
+            s3=dict(cfg.s3),
+            max_download_bytes=cfg.max_download_bytes,
+            archive_limits=ArchiveLimits(
+                max_extracted_bytes=cfg.max_extracted_bytes,
+                max_members=cfg.max_archive_members,
+                max_compression_ratio=cfg.max_compression_ratio,
+            ),
+            allow_external_links=cfg.allow_external_links,
+        )
 
 
 class Source(abc.ABC):
@@ -138,7 +175,13 @@ class LocalPathSource(Source):
                 f"ingest.source {self.label!r}: {path} is neither a directory nor a "
                 ".tar.gz/.tgz/.tar/.zip archive"
             )
-        return extract_archive(path, Path(dest_dir) / "extracted", kind=kind, label=self.label)
+        return extract_archive(
+            path,
+            Path(dest_dir) / "extracted",
+            kind=kind,
+            label=self.label,
+            limits=self.options.archive_limits,
+        )
 
 
 class HttpSource(Source):
@@ -151,24 +194,38 @@ class HttpSource(Source):
         url_path = urllib.parse.urlparse(self.uri).path
         name = PurePosixPath(url_path).name or "download"
         download = dest_dir / "download.bin"
-        self._download(download)
+        try:
+            self._download(download)
+        except BaseException:
+            download.unlink(missing_ok=True)  # a refused or failed download leaves nothing
+            raise
         return extract_download(
             download,
             name,
             dest_dir,
             self.label,
             "the download is not a .tar.gz/.tgz/.tar/.zip archive",
+            self.options.archive_limits,
         )
 
     def _download(self, target: Path) -> None:
-        """Stream the URL to ``target``; any network or HTTP failure is a DataError."""
+        """Stream the URL to ``target``; any network or HTTP failure is a DataError.
+
+        At most ``max_download_bytes`` are accepted: a larger Content-Length is refused
+        before reading, and the count while writing stops a server that sends more than it
+        declared (or declares nothing).
+        """
         timeout = self.options.timeout_s
+        limit = self.options.max_download_bytes
         request = _http_request(self.uri)
+        opener = urllib.request.build_opener(_RedirectHandler(self.label))
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with opener.open(request, timeout=timeout) as response:
                 expected = response.headers.get("Content-Length")
+                if expected is not None and expected.isdigit() and int(expected) > limit:
+                    raise self._too_big(limit, f"the server declares {int(expected):,} bytes")
                 with open(target, "wb") as fh:
-                    shutil.copyfileobj(response, fh, 1 << 20)
+                    _copy_at_most(response, fh, limit, lambda: self._too_big(limit, None))
         except urllib.error.HTTPError as exc:
             raise DataError(
                 f"ingest.source {self.label!r}: download failed: HTTP {exc.code} {exc.reason}"
@@ -191,6 +248,104 @@ class HttpSource(Source):
             raise DataError(
                 f"ingest.source {self.label!r}: download incomplete: got {size} of {expected} bytes"
             )
+
+    def _too_big(self, limit: int, detail: str | None) -> DataError:
+        return _download_too_big(self.label, limit, detail)
+
+
+def _download_too_big(label: str, limit: int, detail: str | None) -> DataError:
+    """The one-line refusal of a download over ``ingest.max_download_bytes``."""
+    why = f"; {detail}" if detail else ""
+    return DataError(
+        f"ingest.source {label!r}: download refused: larger than {format_bytes(limit)} "
+        f"(ingest.max_download_bytes){why}"
+    )
+
+
+def _copy_at_most(
+    src: IO[bytes], dst: IO[bytes], limit: int, too_big: Callable[[], Exception]
+) -> None:
+    """Copy ``src`` to ``dst`` in chunks, raising ``too_big()`` before passing ``limit`` bytes."""
+    copied = 0
+    while chunk := src.read(_CHUNK):
+        copied += len(chunk)
+        if copied > limit:
+            raise too_big()
+        dst.write(chunk)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what may see secrets."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, limited to http(s) and without leaking credentials.
+
+    urllib follows ``ftp://`` redirects as well and copies every header, Authorization
+    included, to whatever host a redirect names. Here a redirect to any scheme but http(s),
+    or to a URL carrying its own credentials (or a malformed one), is refused with one
+    line, and the Authorization header is dropped once a redirect changes scheme, host or
+    port; a later hop back to the first origin does not bring it back.
+    """
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def http_error_302(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+    ) -> IO[bytes] | None:
+        """Check where a redirect leads before urllib follows it (or refuses it its own way)."""
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            self._refuse_unsafe(req.full_url, location, code, fp)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def _refuse_unsafe(self, base: str, location: str, code: int, fp: IO[bytes]) -> None:
+        """Raise the one-line DataError for a redirect target we do not follow."""
+        try:
+            newurl = urllib.parse.urljoin(base, location)
+            _origin(newurl)  # a malformed host or port raises ValueError here
+        except ValueError:
+            problem, shown = "it is not a valid URL", "a malformed URL"
+        else:
+            parts = urllib.parse.urlsplit(newurl)
+            shown = repr(redact_uri(newurl))
+            if parts.scheme.lower() not in _HTTP_SCHEMES:
+                problem = "only http and https redirects are followed"
+            elif parts.username is not None or parts.password is not None:
+                problem = "it carries credentials of its own"
+            else:
+                return
+        fp.close()
+        raise DataError(
+            f"ingest.source {self.label!r}: refused a redirect (HTTP {code}) to {shown}: {problem}"
+        )
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        """urllib's next request, without Authorization when the origin changes."""
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
 
 
 def _http_request(uri: str) -> urllib.request.Request:
@@ -247,6 +402,10 @@ class S3Source(Source):
                     f"ingest.source {self.label!r}: archive object not found at "
                     f"{store.settings.url}"
                 )
+            limit = self.options.max_download_bytes
+            size = _object_size(store, key)
+            if size > limit:
+                raise _download_too_big(self.label, limit, f"the object is {size:,} bytes")
             download = dest_dir / "download.bin"
             store.download_file(key, download)
         except StorageError as exc:
@@ -258,6 +417,7 @@ class S3Source(Source):
             self.label,
             "the object is neither a .tar.gz/.tgz/.tar/.zip archive nor a prefix with "
             "<class>/<image> objects under it",
+            self.options.archive_limits,
         )
 
     def settings(self) -> S3Settings:
@@ -284,6 +444,31 @@ class S3Source(Source):
                 f"ingest.source {self.label!r}: no bucket (expected s3://bucket/prefix)"
             )
         return parts.netloc, parts.path.strip("/")
+
+
+def _object_size(store: S3Store, key: str) -> int:
+    """An object's size as the store reports it, so an archive over the limit is refused
+    before a byte is downloaded (S3 reports the exact size it will send)."""
+    from imgclf.errors import StorageError
+    from imgclf.storage.s3client import call_with_retries, describe_failure
+
+    name = "/".join(p for p in key.split("/") if p)
+    where = f"s3://{store.bucket}/{name}"
+
+    def reason(exc: BaseException) -> str:
+        return describe_failure(exc, store.bucket, store.settings.timeout)
+
+    def stat() -> int:
+        return int(store.client.stat_object(store.bucket, name).size or 0)
+
+    return call_with_retries(
+        stat,
+        store.settings,
+        fail=lambda exc, _attempts: StorageError(
+            store.settings.redact(f"cannot stat {where} at {store.settings.url}: {reason(exc)}")
+        ),
+        what=lambda exc: f"stat {where}: {reason(exc)}",
+    )
 
 
 SOURCES: dict[str, type[Source]] = {
@@ -331,7 +516,9 @@ def materialize_source(
     with atomic_dir(dest) as tmp:
         work = tmp / ".work"
         root = src.materialize(work)
-        images = find_images(root, label=src.label)
+        images = find_images(
+            root, label=src.label, allow_external_links=src.options.allow_external_links
+        )
         move = is_within(root, work)
         for image in images:
             target = tmp.joinpath(*image.rel.split("/"))
@@ -355,6 +542,3 @@ def redact_uri(uri: str) -> str:
         netloc += f":{parsed.port}"
     query = "<redacted>" if parsed.query else ""
     return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, query, ""))
-
-
-# --- archives -------------------------------------------------------------------------------

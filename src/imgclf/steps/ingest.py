@@ -11,9 +11,10 @@ Normalisation, so every later step sees the same few kinds of file:
 
 - each image is decoded with PIL (truncated files are errors, not silently padded), its
   EXIF orientation applied, and re-encoded as ``cfg.image_format`` (PNG) without metadata;
-- modes ``L`` and ``RGB`` are kept; every other mode (``P``, ``RGBA``, ``CMYK``, ``I;16``,
-  ``1``, ...) is converted to ``RGB``: alpha is dropped, not composited, and 16-bit values are
-  clipped; animated files keep their first frame;
+- modes ``L`` and ``RGB`` are kept; 16-bit grayscale (``I;16``, ``I;16B``, ...) becomes ``L``
+  scaled by ``255 / 65535`` (see :func:`to_8bit`); every other mode (``P``, ``RGBA``,
+  ``CMYK``, ``1``, ...) is converted to ``RGB``: alpha is dropped, not composited; animated
+  files keep their first frame;
 - the file keeps its original stem, reduced to ``[A-Za-z0-9._-]`` and de-duplicated within
   its folder with ``_1``, ``_2``, ... suffixes.
 
@@ -53,6 +54,8 @@ _FORMATS = {"png": ("PNG", ".png", {"compress_level": 6})}
 _RATIO_TOLERANCE = 1e-6
 _MAX_STEM = 100
 _SECRET_KEY = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_MAX_16BIT = 65535
 
 
 class UndecodableImage(Exception):
@@ -68,11 +71,13 @@ def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
     """
     check_config(cfg)
     image_format = cfg.image_format.lower()
-    source = open_source(cfg.source, SourceOptions(image_size=cfg.image_size, s3=dict(cfg.s3)))
+    source = open_source(cfg.source, SourceOptions.from_config(cfg))
     with atomic_dir(out_dir) as tmp:
         work = tmp / ".source"
         root = source.materialize(work)
-        images = find_images(root, label=source.label)
+        images = find_images(
+            root, label=source.label, allow_external_links=cfg.allow_external_links
+        )
         plan = assign_splits(images, cfg.split, cfg.seed)
         rows = write_images(plan, tmp, image_format=image_format)
         shutil.rmtree(work, ignore_errors=True)
@@ -113,6 +118,13 @@ def check_config(cfg: IngestConfig) -> None:
         )
     if isinstance(cfg.image_size, bool) or cfg.image_size < 1:
         raise ConfigError(f"ingest.image_size: expected a positive integer, got {cfg.image_size}")
+    for name in ("max_download_bytes", "max_extracted_bytes", "max_archive_members"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"ingest.{name}: expected a positive integer, got {value!r}")
+    ratio = cfg.max_compression_ratio
+    if isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+        raise ConfigError(f"ingest.max_compression_ratio: expected a number > 0, got {ratio!r}")
 
 
 def split_counts(n: int, ratios: SplitRatios) -> tuple[int, int, int]:
@@ -189,7 +201,9 @@ def decode_image(data: bytes) -> Any:
             opened.load()
             original_mode = opened.mode
             image = ImageOps.exif_transpose(opened)
-            if image.mode not in KEPT_MODES:
+            if image.mode in _WIDE_GRAY_MODES:
+                image = to_8bit(image)
+            elif image.mode not in KEPT_MODES:
                 image = image.convert("RGB")
     except UnidentifiedImageError:
         raise UndecodableImage("not an image") from None
@@ -202,6 +216,31 @@ def decode_image(data: bytes) -> Any:
     icc = image.info.get("icc_profile") if image.mode == original_mode else None
     image.info = {"icc_profile": icc} if icc else {}
     return image
+
+
+def to_8bit(image: Any) -> Any:
+    """A 16-bit (or 32-bit integer) grayscale image as mode ``L``, keeping its contrast.
+
+    PIL's own conversion clips at 255, so a 16-bit scan comes out nearly all white. The
+    scale is fixed, ``round(v * 255 / 65535)``, not stretched to each image's own range:
+    the same sensor value then maps to the same grey in every image, which is what a
+    classifier should see. Mode ``I`` is ambiguous (PIL also uses it for 8-bit data):
+    values within 0..255 are kept as they are, values within 0..65535 are read as 16-bit,
+    and anything wider (negative, or 32-bit) is stretched from its minimum to its maximum.
+    """
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if image.mode == "I" and low >= 0 and high <= 255:
+        scaled = values
+    elif low >= 0 and high <= _MAX_16BIT:  # uint32 holds 65535 * 255 without overflow
+        scaled = (values.astype(np.uint32) * 255 + _MAX_16BIT // 2) // _MAX_16BIT
+    else:
+        span = max(high - low, 1)
+        scaled = ((values.astype(np.int64) - low) * 255 + span // 2) // span
+    return Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
 
 
 def encode_image(image: Any, image_format: str) -> bytes:
