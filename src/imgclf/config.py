@@ -9,6 +9,8 @@ ignored costs a whole training run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +23,65 @@ from imgclf.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
+IMAGE_SIZE_RANGE = (8, 4096)
+"""Square sizes (px) images may be resized to: below 8 a CNN pools the picture away to
+nothing; above 4096 one batch needs gigabytes, and training died of a bare MemoryError long
+after it started instead of refusing the setting."""
+
+AUTO = "auto"
+_SPLIT_TOLERANCE = 1e-6
+
+
+def _number_error(where: str, value: Any, rule: str) -> ConfigError | None:
+    """The error for ``value`` breaking ``rule``, or None when it is a finite number.
+
+    NaN compares false with every bound, so a range check alone would let it through.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return ConfigError(f"{where}={value}: must be a finite number {rule}")
+    return None
+
+
+def _at_least(section: str, cfg: Any, low: float, *names: str) -> None:
+    """Refuse the first of ``names`` whose value is below ``low``, naming ``section.name``."""
+    for name in names:
+        value, where = getattr(cfg, name), f"{section}.{name}"
+        error = _number_error(where, value, f">= {low:g}")
+        if error is None and value < low:
+            error = ConfigError(f"{where}={value}: must be >= {low:g}")
+        if error is not None:
+            raise error
+
+
+def _between(section: str, cfg: Any, low: float, high: float, *names: str) -> None:
+    """Refuse the first of ``names`` whose value is outside ``[low, high]``."""
+    for name in names:
+        value, where = getattr(cfg, name), f"{section}.{name}"
+        rule = f"between {low:g} and {high:g}"
+        error = _number_error(where, value, rule)
+        if error is None and not low <= value <= high:
+            error = ConfigError(f"{where}={value}: must be {rule}")
+        if error is not None:
+            raise error
+
+
+def parse_rate(value: float | str, key: str) -> float | None:
+    """A learning-rate setting as a number, or None for ``auto``; ConfigError naming
+    ``train.<key>``.
+
+    YAML reads ``3e-3`` (no dot) as a string, so numeric strings are accepted too.
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == AUTO:
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"train.{key}={value!r}: expected a number or 'auto'") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"train.{key}={value!r}: expected a finite rate >= 0 or 'auto'")
+    return float(value)
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitRatios:
@@ -29,6 +90,17 @@ class SplitRatios:
     train: float = 0.7
     val: float = 0.15
     test: float = 0.15
+
+    def __post_init__(self) -> None:
+        # Checked on load, not at ingest: ratios that do not sum to 1 drop or invent images.
+        ratios = (self.train, self.val, self.test)
+        if any(not math.isfinite(r) or r < 0 for r in ratios) or not math.isclose(
+            sum(ratios), 1.0, abs_tol=_SPLIT_TOLERANCE
+        ):
+            raise ConfigError(
+                "ingest.split: ratios must be >= 0 and sum to 1, got "
+                f"train={self.train} val={self.val} test={self.test}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +113,25 @@ class IngestConfig:
     seed: int = 42
     image_format: str = "png"
     s3: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Sources are untrusted input: bounds that stop a hostile or broken archive or download
+    # before it fills the disk. Generous enough for a large image dataset, small enough
+    # that hitting one on a laptop still leaves it usable; raise them for bigger datasets.
+    max_download_bytes: int = 20 * 1024**3
+    max_extracted_bytes: int = 20 * 1024**3
+    max_archive_members: int = 2_000_000
+    max_compression_ratio: float = 200.0
+    # A local directory may hold symlinks resolving inside it; one leading outside is refused
+    # unless this is true (e.g. a DVC cache of type symlink, whose links point into .dvc/cache).
+    allow_external_links: bool = False
+
+    def __post_init__(self) -> None:
+        _between("ingest", self, *IMAGE_SIZE_RANGE, "image_size")
+        _at_least("ingest", self, 1, "max_download_bytes", "max_extracted_bytes")
+        _at_least("ingest", self, 1, "max_archive_members")
+        if not self.max_compression_ratio >= 1:
+            raise ConfigError(
+                f"ingest.max_compression_ratio={self.max_compression_ratio}: must be >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +148,21 @@ class ValidateConfig:
     max_duplicate_fraction: float = 0.0
     max_imbalance_ratio: float = 10.0
     imbalance_blocking: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("validate", self, 1, "min_width", "min_height")
+        for low, high in (("min_width", "max_width"), ("min_height", "max_height")):
+            if getattr(self, low) > getattr(self, high):
+                raise ConfigError(
+                    f"validate.{low}={getattr(self, low)} exceeds validate.{high}="
+                    f"{getattr(self, high)}: no image could pass"
+                )
+        _at_least("validate", self, 0, "min_images_per_class", "min_images_per_split")
+        _between("validate", self, 0, 1, "max_duplicate_fraction")
+        # largest / smallest class: below 1 no dataset, not even a balanced one, could pass
+        _at_least("validate", self, 1, "max_imbalance_ratio")
+        if not self.allowed_modes:
+            raise ConfigError("validate.allowed_modes=[]: must list at least one PIL mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +190,26 @@ class TrainConfig:
     threads: int = 0
     max_steps_per_epoch: int = 0
 
+    def __post_init__(self) -> None:
+        _between("train", self, *IMAGE_SIZE_RANGE, "image_size")
+        _at_least("train", self, 1, "epochs", "batch_size")
+        # 0 means "off" or "the default" for these (no early stop, torch's thread count, ...)
+        _at_least(
+            "train",
+            self,
+            0,
+            "freeze_epochs",
+            "min_steps",
+            "weight_decay",
+            "patience",
+            "num_workers",
+            "threads",
+            "max_steps_per_epoch",
+        )
+        if parse_rate(self.lr, "lr") == 0:
+            raise ConfigError("train.lr=0: must be > 0 or 'auto'")
+        parse_rate(self.backbone_lr, "backbone_lr")
+
 
 @dataclasses.dataclass(frozen=True)
 class RegistryConfig:
@@ -105,6 +231,12 @@ class EvaluateConfig:
     max_regression: float = 0.01
     top_k: int = 3
     batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        # Accuracies are fractions: a floor above 1 silently blocks every model, and a
+        # negative allowance silently demands a challenger strictly better than production.
+        _between("evaluate", self, 0, 1, "min_accuracy", "max_regression")
+        _at_least("evaluate", self, 1, "top_k", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +303,10 @@ T = TypeVar("T")
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the dataclass field type, or raise ConfigError naming it."""
+    # YAML's .nan and .inf are floats that pass every type check and compare false with
+    # every bound; no setting means "not a number" or "unbounded", so refuse them anywhere.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}={value}: must be a finite number")
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
@@ -226,18 +362,42 @@ def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
             f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(_located(str(exc), where)) from None
 
 
-def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read params.yaml as a dict; a missing file means all defaults."""
+def _located(message: str, where: str) -> str:
+    """A range check's message with the params file named: ``params.yaml:train.epochs=0: ...``.
+
+    ``__post_init__`` checks know their section (``train.epochs=0: must be >= 1``) but not
+    the file; ``where`` is ``<file>:<section>``, so the message is prefixed with the file when
+    it starts with the section, else with all of ``where``.
+    """
+    file_label, colon, section = where.rpartition(":")
+    if re.match(rf"{re.escape(section)}[.:=]", message):
+        return f"{file_label}{colon}{message}"
+    return f"{where}: {message}"
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS, *, missing_ok: bool = True) -> dict[str, Any]:
+    """Read params.yaml as a dict; a missing file means all defaults when ``missing_ok``.
+
+    The CLI passes ``missing_ok=False`` for a file the user named: ``--params missing.yaml``
+    must not quietly train with every default.
+    """
     p = Path(path)
     if not p.exists():
-        return {}
+        if missing_ok:
+            return {}
+        raise ConfigError(f"params file {p} does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the params file: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     return data

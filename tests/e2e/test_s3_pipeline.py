@@ -220,8 +220,11 @@ def test_every_step_reads_and_writes_s3_through_the_cli(
     work.mkdir()
     registry = f"s3://{s3_bucket}/registry"
     params = {
+        "ingest": {},
+        "validate": {},
         "train": TINY_TRAIN,
         "evaluate": {"min_accuracy": 0.0},
+        "deploy": {"apply": False},
         "registry": {"uri": registry},
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -550,6 +553,7 @@ def test_params_file_named_on_the_command_line_gives_the_s3_settings_from_any_di
         yaml.safe_dump(
             {
                 "s3": {"endpoint": s3_server.endpoint, "timeout": 5},
+                "ingest": {},
                 "registry": {"uri": (uri := f"s3://{s3_bucket}/registry")},
             }
         )

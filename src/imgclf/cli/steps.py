@@ -1,7 +1,10 @@
 """``imgclf ingest|validate|train|lr-find|evaluate|deploy|data``: the steps as commands.
 
 DVC stages call these. Each handler loads its params.yaml section, applies ``--set``
-overrides, maps ``s3://`` locations to local temp dirs, and calls the step function.
+overrides, maps ``s3://`` locations to local temp dirs, and calls the step function. A params
+file without the step's section is refused (``train: {}`` keeps every default): a wrong file
+would otherwise run the step with defaults and nobody would notice. The step commands end
+with the process that started them (``exit_with_parent``, see :mod:`imgclf.cli`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from imgclf import config
 from imgclf.cli import add_params_flag
 from imgclf.cli.registry import registry_settings
+from imgclf.errors import ConfigError
 from imgclf.storage.staging import local_input, local_output
 
 log = logging.getLogger(__name__)
@@ -33,11 +37,35 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _require_section(args: argparse.Namespace, section: str) -> None:
+    """Refuse an existing params file that lacks ``section`` (only an absent default
+    ``params.yaml`` means all defaults)."""
+    if section not in args.params_values and Path(args.params).is_file():
+        raise ConfigError(
+            f"{args.params} has no `{section}:` section (add `{section}: {{}}` to run "
+            "with every default)"
+        )
+
+
 def _load(cls: type, section: str, args: argparse.Namespace, **extra: Any) -> Any:
+    _require_section(args, section)
     overrides = dict(config.parse_override(o) for o in args.overrides)
     overrides.update({k: v for k, v in extra.items() if v is not None})
     label = Path(args.params).name
     return config.section_of(args.params_values, cls, section, label, overrides)
+
+
+def _image_size(text: str) -> int:
+    """``--image-size`` of the ``data`` commands, within the bounds ``ingest.image_size`` has
+    (a huge size used to end in a MemoryError after minutes of upscaling)."""
+    low, high = config.IMAGE_SIZE_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: must be between {low} and {high}")
+    return value
 
 
 def _print_summary(summary: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -165,7 +193,7 @@ def _add(
     if registry:
         p.add_argument("--registry", help="registry URI (default: params.yaml registry.uri)")
     _common(p)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, exit_with_parent=True)
     return p
 
 
@@ -236,7 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--source", default="sample:digits", help="default: %(default)s")
     sample.add_argument("--out", default="data", help="default: %(default)s")
-    sample.add_argument("--image-size", type=int, default=32, help="default: %(default)s")
+    sample.add_argument("--image-size", type=_image_size, default=32, help="default: %(default)s")
     sample.set_defaults(func=_data_sample)
     ensure = dsub.add_parser(
         "ensure",
@@ -247,5 +275,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ensure.add_argument("--dvc-file", default="data.dvc", help="default: %(default)s")
     ensure.add_argument("--sample", default="sample:digits", help="default: %(default)s")
-    ensure.add_argument("--image-size", type=int, default=32, help="default: %(default)s")
+    ensure.add_argument("--image-size", type=_image_size, default=32, help="default: %(default)s")
     ensure.set_defaults(func=_data_ensure)

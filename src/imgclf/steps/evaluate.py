@@ -1,7 +1,9 @@
 """EVALUATE step: score a trained model on the test split and decide whether it may ship.
 
-The gate has two parts. An absolute floor (``evaluate.min_accuracy``) and a comparison with
-the production champion of the registry. The champion is re-evaluated on the *current* test
+The gate has three parts: a test split that can judge the model at all (at least two classes,
+and every class of the model in it, since a one-class dataset scores 1.0 with any model), an
+absolute floor (``evaluate.min_accuracy``) and a comparison with the production champion of
+the registry. The champion is re-evaluated on the *current* test
 split whenever its classes match, because accuracies measured on different test sets are not
 comparable (a harder new test split would otherwise block every challenger, an easier one
 would wave a regression through). Only when that is impossible (other classes, missing
@@ -102,8 +104,10 @@ def _champion_accuracy(
 
     Its model is downloaded (checked against the registry's sha256s) only when its classes
     match, since only then can it be scored on this test split. A store that fails
-    (StorageError) fails the lookup; a champion that cannot be scored falls back to its
-    recorded accuracy, with the reason.
+    (StorageError), and a champion whose stored files no longer match its READY record
+    (VersionIntegrityError, also a StorageError), fail the lookup: the gate must not score
+    or trust a tampered model. A champion that cannot be scored for another reason falls
+    back to its recorded accuracy, with the reason.
     """
     why_not = "its model is missing from the registry"
     if champion.model_json is not None:
@@ -151,15 +155,39 @@ def _compare_with_champion(
     return {"version": champion.version, "accuracy": accuracy, "source": source}
 
 
+def _test_split_problem(classes: list[str], targets: list[int]) -> str | None:
+    """Why the test split cannot judge this model, or None when it can.
+
+    On a test split of one class, accuracy cannot tell a classifier from a constant that
+    always answers that class (a one-class dataset scores 1.0); a class of the model with no
+    test images has errors nobody measured. Either way the number the gate compares is not
+    evidence that the model works.
+    """
+    present = sorted({classes[t] for t in targets})
+    if len(present) < 2:
+        return (
+            f"the test split holds {len(present)} class(es) ({', '.join(present)}): accuracy "
+            "on it cannot tell a classifier from a constant answer"
+        )
+    missing = [c for c in classes if c not in present]
+    if missing:
+        return f"class(es) {', '.join(missing)} of the model have no images in the test split"
+    return None
+
+
 def _gate(
     accuracy: float,
     cfg: EvaluateConfig,
     champion: dict[str, Any] | None,
+    test_problem: str | None = None,
 ) -> tuple[bool, list[str]]:
     reasons = []
     passed = accuracy + _EPS >= cfg.min_accuracy
     relation = ">=" if passed else "<"
     reasons.append(f"accuracy {accuracy:.4f} {relation} min_accuracy {cfg.min_accuracy:.4f}")
+    if test_problem is not None:
+        reasons.append(f"{test_problem}; not a meaningful test, failing closed")
+        passed = False
     if champion is None:
         reasons.append("no production champion in the registry: nothing to compare against")
         return passed, reasons
@@ -204,7 +232,8 @@ def run(
         )
     breakdown = _per_class(classes, result["targets"], result["predictions"])
     champion = _compare_with_champion(registry, classes, dataset_dir, cfg, device)
-    passed, reasons = _gate(result["accuracy"], cfg, champion)
+    test_problem = _test_split_problem(classes, result["targets"])
+    passed, reasons = _gate(result["accuracy"], cfg, champion, test_problem)
     metrics = {
         "accuracy": result["accuracy"],
         "loss": result["loss"],

@@ -29,6 +29,7 @@ from torch import nn
 from imgclf import config as config_mod
 from imgclf.config import TrainConfig
 from imgclf.contracts import (
+    DATASET_FILE,
     EXPORT_FILE,
     MODEL_FILE,
     WEIGHTS_FILE,
@@ -36,34 +37,49 @@ from imgclf.contracts import (
     write_model_checksums,
 )
 from imgclf.data.loader import ManifestDataset, make_loader
-from imgclf.errors import ConfigError, DataError
+from imgclf.errors import DataError
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.training import engine, lr_finder, recipe
 from imgclf.training.export import export_program
 from imgclf.training.models import (
+    check_model_name,
     create_model,
     freeze_backbone,
     param_groups,
     set_backbone_trainable,
 )
-from imgclf.training.presets import ClassificationPresetEval, ClassificationPresetTrain
+from imgclf.training.presets import (
+    ClassificationPresetEval,
+    ClassificationPresetTrain,
+    check_augment,
+)
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
-def _check(cfg: TrainConfig) -> None:
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "image_size": cfg.image_size}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {value}")
-    for key, value in {"min_steps": cfg.min_steps, "freeze_epochs": cfg.freeze_epochs}.items():
-        if value < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {value}")
-    if recipe.parse_rate(cfg.lr, "lr") == 0:
-        raise ConfigError("train.lr must be > 0 or 'auto'")
-    recipe.parse_rate(cfg.backbone_lr, "backbone_lr")
+def _check_names(cfg: TrainConfig) -> None:
+    """Refuse unknown names before any work.
+
+    The factories would refuse them too, but only after the pass over the training split for
+    the normalisation, and the scheduler only after the LR range test. Numeric ranges are
+    checked by :class:`TrainConfig` itself.
+    """
+    check_model_name(cfg.model)
+    check_augment(cfg.augment)
+    engine.check_optimizer(cfg.optimizer)
+    engine.check_scheduler(cfg.scheduler)
+
+
+def _check_classes(classes: list[str], dataset_dir: Path) -> None:
+    """A classifier needs two classes: with one, every prediction is right by construction,
+    and the model would pass every accuracy gate without having learned anything."""
+    if len(classes) < 2:
+        raise DataError(
+            f"{dataset_dir / DATASET_FILE} lists {len(classes)} class(es) {classes}: a "
+            "classifier needs at least 2"
+        )
 
 
 def _normalization(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[float], list[float], str]:
@@ -95,13 +111,14 @@ class _Setup:
     """Everything a training or LR-finder run shares: device, data, model, rates."""
 
     def __init__(self, cfg: TrainConfig, dataset_dir: Path) -> None:
-        _check(cfg)
+        _check_names(cfg)
         self.cfg = cfg
         engine.set_threads(cfg.threads)
         self.device = engine.select_device(cfg.device)
         engine.seed_everything(cfg.seed, self.device)
         self.info = read_dataset_info(dataset_dir)
         self.classes: list[str] = list(self.info["classes"])
+        _check_classes(self.classes, dataset_dir)
         self.mean, self.std, self.normalization_source = _normalization(cfg, dataset_dir)
         train_ds, val_ds = _datasets(cfg, dataset_dir, self.mean, self.std)
         pin = self.device.type == "cuda"
@@ -137,7 +154,7 @@ class _Setup:
         """The LR range test on this set-up, with the backbone as the first epochs see it."""
         if self.cfg.max_steps_per_epoch > 0:  # smoke runs: never sweep longer than training
             num_steps = min(num_steps, max(2, self.cfg.epochs * self.cfg.max_steps_per_epoch))
-        ratio = recipe.backbone_rate(1.0, recipe.AUTO, self.cfg.pretrained)
+        ratio = recipe.backbone_rate(1.0, config_mod.AUTO, self.cfg.pretrained)
         with self._backbone_frozen(self.freeze_epochs > 0):
             groups = param_groups(self.model, lr=1.0, backbone_lr=ratio)
             return lr_finder.find_lr(
@@ -294,7 +311,7 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
         setup.mean,
         setup.std,
     )
-    lr = recipe.parse_rate(cfg.lr, "lr")
+    lr = config_mod.parse_rate(cfg.lr, "lr")
     sweep = steepest = None
     if lr is None:
         start, end = recipe.LR_FIND_RANGE

@@ -1,8 +1,9 @@
 """Validate step: a Great Expectations suite over the dataset manifest, before any training.
 
 Bad data is cheaper to catch here than after an hour on a GPU: undecodable or empty files,
-images outside the size bounds, unknown colour modes, too few images per class or split, the
-same image in train and test (leakage inflates test accuracy), duplicate images and class
+images outside the size bounds, unknown colour modes, a single class (every model scores 100%
+on it), a class missing from a split, too few images per class or split, the same image in
+train and test (leakage inflates test accuracy), duplicate images and class
 imbalance. Every check is a real GX expectation run in an ephemeral (in-memory) context, so the
 Data Docs that GX renders show exactly what decided the step. What is checked (the derived
 frames and the expectations) lives in :mod:`imgclf.steps.validate_suite`; this module runs
@@ -34,7 +35,7 @@ from imgclf.contracts import (
     METRICS_FILE,
     manifest_file,
 )
-from imgclf.errors import ConfigError, DataError, ValidationFailed
+from imgclf.errors import DataError, ValidationFailed
 from imgclf.fsutil import atomic_dir, write_json
 from imgclf.steps.validate_suite import FRAME_KEYS, Check, build_checks, build_frames, column
 
@@ -49,10 +50,9 @@ def run(cfg: ValidateConfig, *, dataset_dir: Path, out_dir: Path) -> dict:
     """Validate ``dataset_dir/manifest.csv``; write report, Data Docs and metrics to ``out_dir``.
 
     Returns the ``report.json`` content. Raises :class:`ValidationFailed` (after the outputs
-    are written) when a blocking expectation fails, :class:`DataError` when there is no
-    readable manifest and :class:`ConfigError` for impossible bounds.
+    are written) when a blocking expectation fails and :class:`DataError` when there is no
+    readable manifest. Impossible bounds never get here: :class:`ValidateConfig` refuses them.
     """
-    _check_config(cfg)
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest_frame(dataset_dir)
     frames = build_frames(manifest)
@@ -78,20 +78,6 @@ def run(cfg: ValidateConfig, *, dataset_dir: Path, out_dir: Path) -> dict:
     if not report["blocking_success"]:
         raise ValidationFailed(_failure_message(report, Path(out_dir)))
     return report
-
-
-def _check_config(cfg: ValidateConfig) -> None:
-    """Reject bounds that no dataset could meet, naming the params.yaml key."""
-    if cfg.min_width > cfg.max_width:
-        raise ConfigError("validate.min_width must not exceed validate.max_width")
-    if cfg.min_height > cfg.max_height:
-        raise ConfigError("validate.min_height must not exceed validate.max_height")
-    if not 0.0 <= cfg.max_duplicate_fraction <= 1.0:
-        raise ConfigError("validate.max_duplicate_fraction must be between 0 and 1")
-    if cfg.max_imbalance_ratio < 1.0:
-        raise ConfigError("validate.max_imbalance_ratio must be >= 1 (largest / smallest)")
-    if not cfg.allowed_modes:
-        raise ConfigError("validate.allowed_modes must list at least one PIL mode")
 
 
 def read_manifest_frame(dataset_dir: Path) -> pd.DataFrame:

@@ -1,10 +1,10 @@
 """What the validate step checks: the frames derived from the manifest and the GX suite.
 
-Checks across rows (leakage between splits, images per class, class imbalance) become plain
-column expectations on small derived frames (one row per file, per class and split, per
-split), so GX can point at the offending rows. Kept apart from :mod:`imgclf.steps.validate`,
-which runs this suite and turns the results into the report: adding a check touches only
-this module.
+Checks across rows (leakage between splits, the number of classes, every class in every split,
+images per class, class imbalance) become plain column expectations on small derived frames
+(one row per file, per class and split, per split), so GX can point at the offending rows.
+Kept apart from :mod:`imgclf.steps.validate`, which runs this suite and turns the results into
+the report: adding a check touches only this module.
 """
 
 from __future__ import annotations
@@ -204,6 +204,22 @@ def build_checks(cfg: ValidateConfig, gx: Any) -> list[Check]:
             True,
             "ExpectColumnValuesToBeBetween",
             {"column": "splits_sharing_sha256", "max_value": 1},
+        ),
+        (
+            "at_least_two_classes",
+            "manifest",
+            "the dataset has at least 2 classes (with one, every model scores 100%)",
+            True,
+            "ExpectColumnUniqueValueCountToBeBetween",
+            {"column": "label", "min_value": 2},
+        ),
+        (
+            "every_class_in_every_split",
+            "class_counts",
+            "every class has images in every split (else it is never learned, tuned or tested)",
+            True,
+            "ExpectColumnValuesToBeBetween",
+            {"column": "count", "min_value": 1},
         ),
         (
             "min_images_per_class",

@@ -139,6 +139,13 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse an unknown ``train.model`` (train calls this before any work)."""
+    names = model_names()
+    if name not in names:
+        raise ConfigError(f"train.model={name!r} is not a known model; choices: {', '.join(names)}")
+
+
 def create_model(
     name: str, num_classes: int, *, pretrained: str = "none", in_channels: int = 3
 ) -> nn.Module:
@@ -150,10 +157,8 @@ def create_model(
     file's head is dropped when its shape does not fit ``num_classes``; any other mismatch
     is a ConfigError naming the file.
     """
-    names = model_names()
+    check_model_name(name)
     assert _REGISTRY is not None
-    if name not in _REGISTRY:
-        raise ConfigError(f"train.model={name!r} is not a known model; choices: {', '.join(names)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     source = pretrained.strip() or "none"

@@ -64,6 +64,12 @@ AUGMENTATIONS: dict[str, Callable[[tuple[int, int]], list[Any]]] = {
 }
 
 
+def check_augment(name: str) -> None:
+    """Refuse an unknown ``train.augment`` (train calls this before any work)."""
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"train.augment={name!r} is unknown; choices: {', '.join(AUGMENTATIONS)}")
+
+
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
@@ -90,10 +96,7 @@ class ClassificationPresetTrain:
         std: Sequence[float] = IMAGENET_STD,
         augment: str = "light",
     ) -> None:
-        if augment not in AUGMENTATIONS:
-            raise ConfigError(
-                f"train.augment={augment!r} is unknown; choices: {', '.join(AUGMENTATIONS)}"
-            )
+        check_augment(augment)
         self.transforms = v2.Compose(
             [
                 ConvertMode("RGB"),

@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from imgclf.config import parse_rate
 from imgclf.errors import ConfigError
 from imgclf.training.engine import ONECYCLE_WARMUP, suggest_lr
 from imgclf.training.models import IMAGENET_MEAN, IMAGENET_STD
 
-AUTO = "auto"
 # The head lr ``lr: auto`` may pick: below, a run learns nothing in its budget; above, the
 # one-cycle peak diverges. The range test sweeps wider; its suggestion is clipped to these.
 AUTO_LR_BOUNDS = (1e-4, 3e-2)
@@ -47,23 +47,6 @@ LR_FIND_STEPS = 80
 LR_FIND_SMOOTHING = 0.9  # the moving average of a short sweep must not lag by half of it
 # Backbone rate relative to the head's for pretrained weights (the book's differential rates).
 PRETRAINED_BACKBONE_RATIO = 0.1
-
-
-def parse_rate(value: float | str, key: str) -> float | None:
-    """A rate setting as a number, or None for ``auto``; ConfigError naming ``train.<key>``.
-
-    YAML reads ``3e-3`` (no dot) as a string, so numeric strings are accepted too.
-    """
-    if isinstance(value, str):
-        if value.strip().lower() == AUTO:
-            return None
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"train.{key}={value!r}: expected a number or 'auto'") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"train.{key}={value!r}: expected a finite rate >= 0 or 'auto'")
-    return float(value)
 
 
 def is_pretrained(pretrained: str) -> bool:

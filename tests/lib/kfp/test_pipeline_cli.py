@@ -111,6 +111,7 @@ def body_of(api: KfpApiDouble, method: str, path: str) -> Any:
         ("0 5/10 * * * SUN,SAT", "0 5/10 * * * SUN,SAT"),
         ("0 0 0-23/2 * * *", "0 0 0-23/2 * * *"),
         ("@daily", "@daily"),
+        ("@every 1h", "@every 1h"),
     ],
 )
 def test_validate_cron_accepts(expr: str, normalised: str) -> None:
@@ -145,7 +146,7 @@ def test_validate_cron_five_fields_shows_six_field_form() -> None:
         ("0 1,,2 * * * *", "empty item in minutes"),
         ("0 0 2 L * *", "day-of-month value 'L' is not a number"),
         ("0 0 2- * * *", "hours item '2-' is not valid cron syntax"),
-        ("@every 1h", "has 2 fields"),
+        ("@every 1d", "is not a positive Go duration"),
     ],
 )
 def test_validate_cron_rejects(expr: str, fragment: str) -> None:

@@ -175,7 +175,7 @@ def test_champion_with_other_classes_uses_recorded_accuracy(
     assert metrics["passed"] is (metrics["accuracy"] >= 0.999)
 
 
-def test_tampered_champion_falls_back_to_its_recorded_accuracy(
+def test_tampered_champion_is_refused_not_worked_around(
     dataset_dir: Path, good_model: Path, tmp_path: Path
 ) -> None:
     uri = str(tmp_path / "registry")
@@ -184,17 +184,16 @@ def test_tampered_champion_falls_back_to_its_recorded_accuracy(
         tmp_path / "registry" / "models" / "digits" / str(version) / "model" / "model.safetensors"
     )
     weights.write_bytes(b"not the weights")
-    metrics = evaluate.run(
-        OPEN_GATE,
-        RegistryConfig(uri=uri),
-        dataset_dir=dataset_dir,
-        model_dir=good_model,
-        out_dir=tmp_path / "eval",
-    )
-    source = metrics["champion"]["source"]
-    assert metrics["champion"]["accuracy"] == 0.5
-    assert source.startswith("recorded metrics.json accuracy (it could not be re-evaluated")
-    assert "model.safetensors missing or not matching the sha256" in source
+    with pytest.raises(RegistryError, match="cannot look up the champion") as refused:
+        evaluate.run(
+            OPEN_GATE,
+            RegistryConfig(uri=uri),
+            dataset_dir=dataset_dir,
+            model_dir=good_model,
+            out_dir=tmp_path / "eval",
+        )
+    assert str(weights) in str(refused.value) and "sha256" in str(refused.value)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_alias_to_an_incomplete_version_fails(

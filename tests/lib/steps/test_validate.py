@@ -37,6 +37,8 @@ EXPECTED_NAMES = [
     "bytes_positive",
     "duplicate_fraction_within_split",
     "no_leakage_between_splits",
+    "at_least_two_classes",
+    "every_class_in_every_split",
     "min_images_per_class",
     "min_images_per_split",
     "class_imbalance_ratio",
