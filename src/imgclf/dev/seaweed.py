@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import functools
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from imgclf.dev.server_info import (
     DEFAULT_REGION,
@@ -48,6 +42,7 @@ from imgclf.dev.server_info import (
     port_is_free,
 )
 from imgclf.errors import ConfigError, StorageError
+from imgclf.proc import die_with_parent_preexec
 
 VOLUME_SIZE_LIMIT_MB = 64
 MAX_VOLUMES = 500
@@ -72,22 +67,6 @@ copy_other = 1
 """
 _CREDENTIALS_FILE = "s3-identities.json"
 _LOG_FILE = "weed.log"
-
-
-@functools.cache
-def _libc() -> Any:
-    """The C library, for prctl; loaded on first start, not when the module is imported."""
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - a libc without dlopen(NULL)
-        return None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the starting thread's process dies (Linux)."""
-    _libc().prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class SeaweedServer:
@@ -189,7 +168,6 @@ class SeaweedServer:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== imgclf: {' '.join(args)}\n".encode())
             log.flush()
-            main_thread = threading.current_thread() is threading.main_thread()
             self._proc = subprocess.Popen(
                 args,
                 cwd=self.data_dir,  # weed reads ./master.toml
@@ -197,7 +175,7 @@ class SeaweedServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _libc() is not None and main_thread else None,
+                preexec_fn=die_with_parent_preexec(),
             )
         atexit.register(self.stop)
         try:

@@ -37,6 +37,7 @@ import yaml
 from imgclf.config import DeployConfig, ServeConfig, to_dict
 from imgclf.contracts import read_eval_predictions
 from imgclf.errors import DataError
+from imgclf.proc import die_with_parent_preexec
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,11 @@ class ServerProcess:
             "--model-dir", str(model_dir), "--model", name, "--http_port", "0",
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent_preexec(),  # no orphan server when deploy is killed
         )
         self.port: int | None = None
 
