@@ -38,3 +38,13 @@ class RegistryError(ImgclfError):
 
 class DeployError(ImgclfError):
     """Applying the InferenceService to the cluster failed, or it never became Ready."""
+
+
+class Preempted(ImgclfError):
+    """Training stopped on SIGTERM (a preempted node) after writing a checkpoint.
+
+    Exit code 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, so run the same command
+    again, which resumes from the checkpoint. Retry policies can tell it from a real failure.
+    """
+
+    exit_code = 75

@@ -99,7 +99,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from imgclf.steps import train
 
-    cfg = _load(config.TrainConfig, "train", args)
+    cfg = _load(config.TrainConfig, "train", args, checkpoint_dir=args.checkpoint_dir)
     with local_input(args.dataset) as ds, local_output(args.out) as out:
         meta = train.run(cfg, dataset_dir=ds, out_dir=out)
     _print_summary(meta, ("architecture", "metrics"))
@@ -217,13 +217,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         ds,
         ("--out", "validation dir (report.json, data_docs/)", "out/validation"),
     )
-    _add(
+    p = _add(
         sub,
         "train",
         _train,
-        "Train (or fine-tune) a classifier; writes weights, a serving export and model.json.",
+        "Train (or fine-tune) a classifier; writes weights, a serving export and model.json. "
+        "Resumes from the newest checkpoint of the same run; on SIGTERM it checkpoints after "
+        "the current batch and exits with code 75 (run it again to resume).",
         ds,
         ("--out", "model dir to write", "out/model"),
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        help="override train.checkpoint_dir: a local dir that outlives a retry ('' disables)",
     )
     _add(
         sub,

@@ -8,12 +8,18 @@ validation split, and the best epoch kept. The model dir holds everything servin
 evaluation need: safetensors weights, a ``torch.export`` program with a dynamic batch
 dimension, ``model.json`` (inputs, normalisation, classes, chosen lr, lineage, metrics) and
 the LR range test's curve. ``lr_find`` runs the range test alone.
+
+Training is preemption-safe (:mod:`imgclf.training.checkpoint`): checkpoints go to
+``train.checkpoint_dir`` every ``train.checkpoint_every_steps`` steps and at each epoch end,
+a rerun resumes from the newest valid one of the same run, and SIGTERM stops after the
+current batch with a checkpoint and :class:`~imgclf.errors.Preempted` (exit code 75).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -37,9 +43,9 @@ from imgclf.contracts import (
     write_model_checksums,
 )
 from imgclf.data.loader import ManifestDataset, make_loader
-from imgclf.errors import DataError
+from imgclf.errors import DataError, Preempted
 from imgclf.fsutil import atomic_dir, write_json, write_text
-from imgclf.training import engine, lr_finder, recipe
+from imgclf.training import checkpoint, engine, lr_finder, recipe
 from imgclf.training.export import export_program
 from imgclf.training.models import (
     check_model_name,
@@ -70,6 +76,7 @@ def _check_names(cfg: TrainConfig) -> None:
     check_augment(cfg.augment)
     engine.check_optimizer(cfg.optimizer)
     engine.check_scheduler(cfg.scheduler)
+    checkpoint.check_settings(cfg.checkpoint_every_steps, cfg.keep_checkpoints)
 
 
 def _check_classes(classes: list[str], dataset_dir: Path) -> None:
@@ -121,24 +128,23 @@ class _Setup:
         _check_classes(self.classes, dataset_dir)
         self.mean, self.std, self.normalization_source = _normalization(cfg, dataset_dir)
         train_ds, val_ds = _datasets(cfg, dataset_dir, self.mean, self.std)
-        pin = self.device.type == "cuda"
+        loading = {
+            "num_workers": cfg.num_workers,
+            "prefetch_factor": cfg.prefetch_factor,
+            "persistent_workers": cfg.persistent_workers,
+            "pin_memory": cfg.pin_memory,
+            "device_type": self.device.type,
+        }
         # BatchNorm cannot train on a last batch of one image, so drop the ragged tail.
         self.train_loader = make_loader(
             train_ds,
             batch_size=cfg.batch_size,
             shuffle=True,
-            num_workers=cfg.num_workers,
             seed=cfg.seed,
-            pin_memory=pin,
             drop_last=len(train_ds) > cfg.batch_size,
+            **loading,
         )
-        self.val_loader = make_loader(
-            val_ds,
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            num_workers=cfg.num_workers,
-            pin_memory=pin,
-        )
+        self.val_loader = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, **loading)
         model = create_model(cfg.model, len(self.classes), pretrained=cfg.pretrained)
         if cfg.freeze_backbone:
             freeze_backbone(model)
@@ -228,55 +234,96 @@ def _history_row(epoch: int, train_m: dict[str, Any], val_m: dict[str, Any]) -> 
     }
 
 
-def _fit(
-    cfg: TrainConfig, setup: _Setup, optimizer: torch.optim.Optimizer
-) -> tuple[list[dict[str, Any]], recipe.EarlyStopping, int]:
-    """The epoch loop: train, validate, keep the best weights, stop when val stalls.
+class _Training:
+    """The epoch loop of one run: train, validate, keep the best weights, stop when val
+    stalls; checkpointed so that a killed or preempted run resumes where it was.
 
-    Returns the history, the early-stopping record and the number of epochs planned.
+    Checkpoints are written every ``train.checkpoint_every_steps`` optimizer steps and at
+    every epoch end; SIGTERM (while :func:`checkpoint.stop_on_sigterm` is active) writes one
+    after the current batch and raises :class:`Preempted`.
     """
-    steps_per_epoch = engine.count_steps(setup.train_loader, cfg.max_steps_per_epoch)
-    epochs = recipe.planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
-    if epochs > cfg.epochs:
-        log.info(
-            "%d steps per epoch: training up to %d epochs to reach train.min_steps=%d",
-            steps_per_epoch,
-            epochs,
-            cfg.min_steps,
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        setup: _Setup,
+        optimizer: torch.optim.Optimizer,
+        store: checkpoint.CheckpointStore | None,
+        extra: dict[str, Any],
+    ) -> None:
+        self.cfg, self.setup, self.optimizer, self.store = cfg, setup, optimizer, store
+        # Stored in every checkpoint (the chosen rates, the LR sweep) so a resumed run does
+        # not repeat the LR range test.
+        self.extra = extra
+        self.steps_per_epoch = engine.count_steps(setup.train_loader, cfg.max_steps_per_epoch)
+        self.epochs = recipe.planned_epochs(cfg.epochs, cfg.min_steps, self.steps_per_epoch)
+        self.scheduler = engine.create_scheduler(
+            cfg.scheduler, optimizer, total_steps=self.epochs * self.steps_per_epoch
         )
-    scheduler = engine.create_scheduler(
-        cfg.scheduler, optimizer, total_steps=epochs * steps_per_epoch
-    )
-    history: list[dict[str, Any]] = []
-    patience, warmup = recipe.stopping_rules(cfg.patience, cfg.epochs, epochs, cfg.scheduler)
-    tracker = recipe.EarlyStopping(patience, warmup)
-    if setup.freeze_epochs:
-        set_backbone_trainable(setup.model, False)
-        log.info("training the head only for the first %d epoch(s)", setup.freeze_epochs)
-    for epoch in range(1, epochs + 1):
-        if setup.freeze_epochs and epoch == setup.freeze_epochs + 1:
+        patience, warmup = recipe.stopping_rules(
+            cfg.patience, cfg.epochs, self.epochs, cfg.scheduler
+        )
+        self.tracker = recipe.EarlyStopping(patience, warmup)
+        self.history: list[dict[str, Any]] = []
+        self.epoch, self.global_step, self.done = 1, 0, False
+        self.progress: engine.EpochProgress | None = None
+        self.data_order: torch.Tensor | None = None  # loader generator at the epoch's start
+        self.stop = checkpoint.StopRequest()
+
+    @property
+    def _generator(self) -> torch.Generator | None:
+        return getattr(self.setup.train_loader, "generator", None)
+
+    def fit(self) -> None:
+        """Train the remaining epochs (all of them unless :meth:`restore` ran)."""
+        cfg, setup = self.cfg, self.setup
+        if self.epochs > cfg.epochs and self.epoch == 1:
+            log.info(
+                "%d steps per epoch: training up to %d epochs to reach train.min_steps=%d",
+                self.steps_per_epoch,
+                self.epochs,
+                cfg.min_steps,
+            )
+        if setup.freeze_epochs and not self.done and self.epoch <= setup.freeze_epochs:
+            set_backbone_trainable(setup.model, False)
+            log.info("training the head only for the first %d epoch(s)", setup.freeze_epochs)
+        guard = checkpoint.stop_on_sigterm() if self.store else contextlib.nullcontext()
+        with guard as stop:
+            self.stop = stop or self.stop
+            while not self.done:
+                self._epoch(self.epoch)
+        set_backbone_trainable(setup.model, True)
+
+    def _epoch(self, epoch: int) -> None:
+        setup = self.setup
+        if setup.freeze_epochs and epoch == setup.freeze_epochs + 1 and self.progress is None:
             set_backbone_trainable(setup.model, True)
             log.info("epoch %d: backbone unfrozen (differential learning rates)", epoch)
+        generator = self._generator
+        self.data_order = generator.get_state() if generator is not None else None
         train_m = engine.train_one_epoch(
             setup.model,
             setup.train_loader,
-            optimizer,
-            scheduler,
+            self.optimizer,
+            self.scheduler,
             setup.device,
             setup.scaler,
             amp_dtype=setup.amp_dtype,
-            max_steps=cfg.max_steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
+            max_steps=self.cfg.max_steps_per_epoch,
+            desc=f"epoch {epoch}/{self.epochs}",
+            progress=self.progress,
+            after_step=self._after_step if self.store else None,
         )
+        self.progress = None
         val_m = engine.evaluate(
             setup.model,
             setup.val_loader,
             setup.device,
             amp_dtype=setup.amp_dtype,
-            max_steps=cfg.max_steps_per_epoch,
+            max_steps=self.cfg.max_steps_per_epoch,
             desc="val",
         )
-        history.append(_history_row(epoch, train_m, val_m))
+        self.history.append(_history_row(epoch, train_m, val_m))
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
             epoch,
@@ -285,32 +332,105 @@ def _fit(
             val_m["loss"],
             val_m["accuracy"],
         )
-        if tracker.update(epoch, val_m, setup.model) and epoch < epochs:
-            log.info("early stop after epoch %d: val stalled for %d epochs", epoch, tracker.stale)
-            break
-    set_backbone_trainable(setup.model, True)
-    return history, tracker, epochs
+        stalled = self.tracker.update(epoch, val_m, setup.model) and epoch < self.epochs
+        if stalled:
+            log.info(
+                "early stop after epoch %d: val stalled for %d epochs", epoch, self.tracker.stale
+            )
+        self.epoch, self.done = epoch + 1, stalled or epoch >= self.epochs
+        if self.store is not None:
+            path = self._save(None)
+            if self.stop.requested and not self.done:
+                raise Preempted(_preempted_message(path))
+
+    def _after_step(self, progress: engine.EpochProgress) -> None:
+        self.global_step += 1
+        if self.stop.requested:
+            path = self._save(progress)
+            raise Preempted(_preempted_message(path))
+        every = self.cfg.checkpoint_every_steps
+        # The last step of an epoch is left to the epoch-end checkpoint that follows.
+        if every > 0 and self.global_step % every == 0 and progress.step < self.steps_per_epoch:
+            self._save(progress)
+
+    def _save(self, progress: engine.EpochProgress | None) -> Path:
+        assert self.store is not None
+        scaler = self.setup.scaler
+        state = {
+            "epoch": self.epoch,
+            "step": progress.step if progress else 0,
+            "global_step": self.global_step,
+            "done": self.done,
+            "model": self.setup.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "tracker": checkpoint.tracker_state(self.tracker),
+            "history": self.history,
+            "progress": dataclasses.asdict(progress) if progress else None,
+            "rng": engine.rng_states(),
+            # mid-epoch: the epoch's start, whose batches are drawn again and dropped on resume
+            "data_order": self.data_order if progress else self._generator_state(),
+            "extra": self.extra,
+        }
+        return self.store.save(state, global_step=self.global_step, epoch_end=progress is None)
+
+    def _generator_state(self) -> torch.Tensor | None:
+        generator = self._generator
+        return generator.get_state() if generator is not None else None
+
+    def restore(self, loaded: checkpoint.Loaded) -> None:
+        """Continue from ``loaded`` (a checkpoint of this run) instead of from the start."""
+        state, setup = loaded.state, self.setup
+        setup.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if setup.scaler is not None and state["scaler"] is not None:
+            setup.scaler.load_state_dict(state["scaler"])
+        checkpoint.restore_tracker(self.tracker, state["tracker"])
+        self.history = list(state["history"])
+        self.epoch, self.global_step, self.done = (
+            state["epoch"],
+            state["global_step"],
+            state["done"],
+        )
+        if state["progress"] is not None:
+            saved = state["progress"]
+            self.progress = engine.EpochProgress(
+                loss_sum=saved["loss_sum"].to(setup.device),
+                correct=saved["correct"].to(setup.device),
+                step=saved["step"],
+                images=saved["images"],
+            )
+        generator = self._generator
+        if generator is not None and state["data_order"] is not None:
+            generator.set_state(state["data_order"])
+        engine.set_rng_states(state["rng"])
+        log.info(
+            "resuming from epoch %d step %d (checkpoint %s)", self.epoch, state["step"], loaded.path
+        )
 
 
-def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
-
-    The weights of the best validation epoch are the ones saved (see ``EarlyStopping``).
-    Returns the ``model.json`` content.
-    """
-    setup = _Setup(cfg, Path(dataset_dir))
-    log.info(
-        "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
-        "mean %s std %s",
-        cfg.model,
-        setup.device,
-        len(setup.train_loader.dataset),  # type: ignore[arg-type]
-        len(setup.val_loader.dataset),  # type: ignore[arg-type]
-        len(setup.classes),
-        setup.normalization_source,
-        setup.mean,
-        setup.std,
+def _preempted_message(path: Path) -> str:
+    return (
+        f"preempted (SIGTERM): stopped after the current batch; checkpoint {path} written, "
+        "run the same command again to resume"
     )
+
+
+def _checkpoints(cfg: TrainConfig, setup: _Setup) -> checkpoint.CheckpointStore | None:
+    """This run's checkpoint store, or None when ``train.checkpoint_dir`` is empty (off)."""
+    if not cfg.checkpoint_dir:
+        return None
+    key = checkpoint.run_key(str(setup.info.get("hash", "")), config_mod.to_dict(cfg))
+    return checkpoint.CheckpointStore(Path(cfg.checkpoint_dir), key, keep=cfg.keep_checkpoints)
+
+
+def _choose_rates(
+    cfg: TrainConfig, setup: _Setup
+) -> tuple[dict[str, Any], lr_finder.LrFindResult | None]:
+    """The head and backbone rates (the LR range test for ``lr: auto``) and the sweep."""
     lr = config_mod.parse_rate(cfg.lr, "lr")
     sweep = steepest = None
     if lr is None:
@@ -326,16 +446,58 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
         )
         log.info("lr: auto: steepest descent at %.3g, training at %.3g", steepest, lr)
     backbone_lr = recipe.backbone_rate(lr, cfg.backbone_lr, cfg.pretrained)
-    history, tracker, planned = _fit(cfg, setup, setup.optimizer(lr, backbone_lr))
+    rates = {"lr": lr, "backbone_lr": backbone_lr, "lr_source": "auto" if sweep else "train.lr"}
+    if sweep is not None:
+        rates["lr_steepest"] = steepest
+    return rates, sweep
+
+
+def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
+
+    The weights of the best validation epoch are the ones saved (see ``EarlyStopping``).
+    With ``train.checkpoint_dir`` set, the run resumes from its newest valid checkpoint
+    there, and removes its checkpoints once the model dir is written. Returns the
+    ``model.json`` content; raises :class:`Preempted` on SIGTERM during training.
+    """
+    setup = _Setup(cfg, Path(dataset_dir))
+    log.info(
+        "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
+        "mean %s std %s",
+        cfg.model,
+        setup.device,
+        len(setup.train_loader.dataset),  # type: ignore[arg-type]
+        len(setup.val_loader.dataset),  # type: ignore[arg-type]
+        len(setup.classes),
+        setup.normalization_source,
+        setup.mean,
+        setup.std,
+    )
+    store = _checkpoints(cfg, setup)
+    loaded = store.latest() if store is not None else None
+    if loaded is not None:
+        rates = dict(loaded.state["extra"]["rates"])
+        saved_sweep = loaded.state["extra"]["sweep"]
+        sweep = lr_finder.LrFindResult(**saved_sweep) if saved_sweep else None
+    else:
+        rates, sweep = _choose_rates(cfg, setup)
+    extra = {"rates": rates, "sweep": dataclasses.asdict(sweep) if sweep else None}
+    optimizer = setup.optimizer(rates["lr"], rates["backbone_lr"])
+    training = _Training(cfg, setup, optimizer, store, extra)
+    if loaded is not None:
+        training.restore(loaded)
+    training.fit()
+    tracker = training.tracker
     assert tracker.best is not None  # epochs >= 1
     model = setup.model.to("cpu", memory_format=torch.contiguous_format)
     model.load_state_dict(tracker.best_state)
     model.eval()
-    rates = {"lr": lr, "backbone_lr": backbone_lr, "lr_source": "auto" if sweep else "train.lr"}
-    if sweep is not None:
-        rates["lr_steepest"] = steepest
-    meta = _model_json(cfg, setup, tracker.best, rates, epochs_run=len(history), planned=planned)
-    _write_model_dir(Path(out_dir), model, meta, cfg, history, sweep)
+    meta = _model_json(
+        cfg, setup, tracker.best, rates, epochs_run=len(training.history), planned=training.epochs
+    )
+    _write_model_dir(Path(out_dir), model, meta, cfg, training.history, sweep)
+    if store is not None:
+        store.remove_all()
     return meta
 
 

@@ -9,11 +9,12 @@ and the benchmark (STYLE rule 3).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,42 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG's state (python, numpy, torch, CUDA when in use) as plain types and
+    tensors, so that a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def amp_settings(device: torch.device) -> tuple[torch.dtype | None, Any]:
@@ -202,6 +239,43 @@ def optimizer_step(
         optimizer.step()
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch has got: batches done and the running sums behind its metrics.
+
+    A checkpoint stores it, so that an epoch resumed halfway reports the loss and accuracy an
+    uninterrupted one would. The sums stay tensors on the device (no sync per batch).
+    """
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    step: int = 0
+    images: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        """A fresh epoch: nothing done yet."""
+        return cls(
+            loss_sum=torch.zeros((), device=device),
+            correct=torch.zeros((), dtype=torch.long, device=device),
+        )
+
+
+def _skip_batches(batches: Iterator[Any], count: int) -> None:
+    """Draw and drop the ``count`` batches a resumed epoch already trained on.
+
+    Drawing them (rather than editing the sampler) keeps the data order and the workers'
+    augmentation exactly as in the first attempt; the global RNGs are put back afterwards,
+    because the checkpoint's states already include what these batches' augmentation used.
+    """
+    if count <= 0:
+        return
+    states = rng_states()
+    for _ in range(count):
+        next(batches, None)
+    set_rng_states(states)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -214,22 +288,34 @@ def train_one_epoch(
     criterion: nn.Module | None = None,
     max_steps: int = 0,
     desc: str = "train",
+    progress: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (at most ``max_steps`` batches when > 0); returns metrics.
 
     The scheduler, if any, is stepped after every batch. Returned: ``loss`` and ``accuracy``
-    (means over the images seen), ``images``, ``seconds``, ``images_per_s`` and the head's
-    ``lr`` at the end of the epoch.
+    (means over the images seen), ``images``, ``seconds``, ``images_per_s`` (of the batches
+    this call trained on) and the head's ``lr`` at the end of the epoch.
+
+    ``progress`` resumes an epoch a checkpoint stopped: its ``step`` batches are drawn from
+    ``loader`` and dropped, and its sums carry on. ``after_step`` is called after every
+    optimizer step with the progress so far (the train step checkpoints there, and stops
+    there when preempted); it is the only per-batch cost this hook adds.
     """
     criterion = criterion or nn.CrossEntropyLoss()
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    progress = progress or EpochProgress.start(device)
+    loss_sum, correct = progress.loss_sum, progress.correct
+    total = count_steps(loader, max_steps)
+    resumed_at, resumed_images = progress.step, progress.images
     start = time.perf_counter()
     use_amp = amp_dtype is not None
-    with tqdm(total=count_steps(loader, max_steps), desc=desc, disable=None, leave=False) as bar:
-        for step, (images, targets) in enumerate(loader):
+    batches = iter(loader)
+    _skip_batches(batches, min(resumed_at, total))
+    with tqdm(
+        total=total, initial=min(resumed_at, total), desc=desc, disable=None, leave=False
+    ) as bar:
+        for step, (images, targets) in enumerate(batches, start=resumed_at):
             if max_steps > 0 and step >= max_steps:
                 break
             images, targets = _to_device(images, targets, device)
@@ -240,18 +326,22 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step()
             batch = targets.shape[0]
-            seen += batch
+            progress.images += batch
+            progress.step = step + 1
             loss_sum += loss.detach() * batch
             correct += (logits.detach().argmax(1) == targets).sum()
             bar.update()
+            if after_step is not None:
+                after_step(progress)
     seconds = time.perf_counter() - start
+    seen = progress.images
     denominator = max(seen, 1)
     return {
         "loss": loss_sum.item() / denominator,
         "accuracy": correct.item() / denominator,
         "images": seen,
         "seconds": seconds,
-        "images_per_s": seen / seconds if seconds > 0 else 0.0,
+        "images_per_s": (seen - resumed_images) / seconds if seconds > 0 else 0.0,
         "lr": float(optimizer.param_groups[-1]["lr"]),
     }
 
