@@ -157,7 +157,7 @@ def build_pipeline(
         patience: int = trn["patience"],
         train_seed: int = trn["seed"],
         device: str = trn["device"],
-        num_workers: int = trn["num_workers"],
+        num_workers: str = str(trn["num_workers"]),
         threads: int = trn["threads"],
         max_steps_per_epoch: int = trn["max_steps_per_epoch"],
         min_accuracy: float = ev["min_accuracy"],
@@ -214,7 +214,7 @@ def build_pipeline(
             patience: Epochs without improvement before early stopping.
             train_seed: Seed of weight init, shuffling and augmentation.
             device: auto, cuda or cpu.
-            num_workers: DataLoader worker processes.
+            num_workers: DataLoader worker processes, or auto (chosen from the machine).
             threads: CPU threads for torch (0: default).
             max_steps_per_epoch: Cap on batches per epoch (0: whole epoch).
             min_accuracy: Lowest test accuracy that may be deployed.

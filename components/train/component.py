@@ -28,7 +28,7 @@ def train(
     patience: int,
     train_seed: int,
     device: str,
-    num_workers: int,
+    num_workers: str,
     threads: int,
     max_steps_per_epoch: int,
 ):
@@ -58,7 +58,7 @@ def train(
         patience: Epochs without validation-loss improvement before stopping early.
         train_seed: Seed of weight init, shuffling and augmentation.
         device: ``auto`` (the GPU when the pod has one), ``cuda`` or ``cpu``.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, or ``auto`` (chosen from the machine).
         threads: CPU threads for torch (0: torch's default).
         max_steps_per_epoch: Cap on batches per epoch (0: whole epoch); for smoke runs.
     """

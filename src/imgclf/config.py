@@ -186,9 +186,18 @@ class TrainConfig:
     patience: int = 3
     seed: int = 42
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = "auto"
+    prefetch_factor: int | str = "auto"
+    persistent_workers: bool | str = "auto"
+    pin_memory: bool | str = "auto"
     threads: int = 0
     max_steps_per_epoch: int = 0
+    # Preemption-safe training (imgclf.training.checkpoint): a dir that outlives a retried
+    # step, never inside the model dir ("" turns checkpoints off); every N optimizer steps
+    # (0: at epoch ends only; >= 0 and keep >= 1 are checked by the train step).
+    checkpoint_dir: str = "out/checkpoints"
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         _between("train", self, *IMAGE_SIZE_RANGE, "image_size")
@@ -202,13 +211,27 @@ class TrainConfig:
             "min_steps",
             "weight_decay",
             "patience",
-            "num_workers",
             "threads",
             "max_steps_per_epoch",
         )
         if parse_rate(self.lr, "lr") == 0:
             raise ConfigError("train.lr=0: must be > 0 or 'auto'")
         parse_rate(self.backbone_lr, "backbone_lr")
+        # DataLoader knobs: "auto" (chosen from the machine by the loader) or an explicit value;
+        # KFP passes them as strings, so "4" is a count too.
+        for name, kind, low, rule in (
+            ("num_workers", int, 0, ">= 0"),
+            ("prefetch_factor", int, 1, ">= 1"),
+            ("persistent_workers", bool, None, "true or false"),
+            ("pin_memory", bool, None, "true or false"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() == AUTO:
+                continue
+            if kind is int and isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            if type(value) is not kind or (low is not None and value < low):
+                raise ConfigError(f"train.{name}={value!r}: must be {rule} or 'auto'")
 
 
 @dataclasses.dataclass(frozen=True)

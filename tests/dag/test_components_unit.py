@@ -127,7 +127,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         patience=0,
         train_seed=3,
         device="cpu",
-        num_workers=0,
+        num_workers="0",
         threads=1,
         max_steps_per_epoch=3,
     )
