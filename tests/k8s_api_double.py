@@ -1,4 +1,4 @@
-"""A recording stand-in for the Kubernetes API server's InferenceService endpoints, for tests.
+"""A recording stand-in for the Kubernetes API server's custom-resource and pod endpoints.
 
 It stands in ONLY for ``kube-apiserver`` (with KServe's CRD installed and a controller that
 updates status), which cannot run on a CI runner. Everything on the client side is real:
@@ -29,6 +29,19 @@ spec change, its status moves to the applied generation with the outcome ``mode`
 Until then a GET shows the previous status (a stale ``Ready=True`` of the old generation
 after a replace), as a real controller that has not reconciled yet would.
 
+Other custom resources (``RESOURCES``: Kubeflow Trainer's TrainJob and the training
+operator's PyTorchJob besides InferenceService) are served under their own
+``/apis/{group}/{version}/namespaces/{ns}/{plural}`` paths with the same object semantics
+(:meth:`K8sApiDouble.store` holds each; ``objects`` stays the InferenceServices). Their
+controller is a script: ``status_scripts[plural]`` lists the statuses the n-th GET of an
+object shows (the last one stays), as a job that runs and then ends would.
+
+Pods are a read-only list the test fills with :meth:`K8sApiDouble.add_pod`:
+``GET /api/v1/namespaces/{ns}/pods`` honours an equality ``labelSelector``, and
+``GET .../pods/{name}/log`` answers ``text/plain``; a pod's log may be a list of snapshots,
+the n-th read getting the n-th (the last one stays), so a log that grows between polls can
+be scripted.
+
 Every request is recorded (method, path, query, headers with the Authorization *value*
 redacted, parsed JSON body). With ``token=...`` every request must carry
 ``Authorization: Bearer <token>`` (401 otherwise). :func:`write_kubeconfig` writes a
@@ -55,10 +68,33 @@ import yaml
 GROUP = "serving.kserve.io"
 VERSION = "v1beta1"
 PLURAL = "inferenceservices"
-_COLLECTION = re.compile(
-    rf"/apis/{re.escape(GROUP)}/{VERSION}/namespaces/(?P<ns>[^/]+)/{PLURAL}(?:/(?P<name>[^/]+))?"
-)
 MODES = ("ready", "never", "failed", "conflict_once")
+_PODS = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+)(?P<log>/log)?)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    """A custom resource the double serves: its API group, version, plural and kind."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    def path(self, namespace: str, name: str | None = None) -> str:
+        """The API path of the collection, or of one object."""
+        base = f"/apis/{self.group}/{self.version}/namespaces/{namespace}/{self.plural}"
+        return f"{base}/{name}" if name else base
+
+
+INFERENCE_SERVICES = Resource(GROUP, VERSION, PLURAL, "InferenceService")
+PYTORCHJOBS = Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+TRAINJOBS = Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
+RESOURCES = (INFERENCE_SERVICES, PYTORCHJOBS, TRAINJOBS)
+_ANY_COLLECTION = re.compile(
+    r"/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+    r"(?:/(?P<name>[^/]+))?"
+)
 _STATUS_FIELDS = {
     "never": {
         "reason": "RevisionMissing",
@@ -136,6 +172,15 @@ class K8sApiDouble:
         self.ready_after_polls = ready_after_polls
         self.requests: list[RecordedRequest] = []
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._stores: dict[Resource, dict[tuple[str, str], dict[str, Any]]] = {
+            res: {} for res in RESOURCES
+        }
+        self._stores[INFERENCE_SERVICES] = self.objects
+        self.status_scripts: dict[str, list[dict[str, Any]]] = {}
+        self._script_reads: dict[tuple[str, str, str], int] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._log_reads: dict[tuple[str, str], int] = {}
+        self._logs: dict[tuple[str, str], list[str]] = {}
         self._polls: dict[tuple[str, str], int] = {}
         self.conflicts_left = 1 if mode == "conflict_once" else 0
         self._versions = itertools.count(1000)
@@ -172,6 +217,47 @@ class K8sApiDouble:
         base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
         return f"{base}/{name}" if name else base
 
+    def store(self, resource: Resource) -> dict[tuple[str, str], dict[str, Any]]:
+        """The stored objects of ``resource`` by (namespace, name)."""
+        return self._stores[resource]
+
+    def seed_object(
+        self, resource: Resource, manifest: dict[str, Any], status: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Store an existing object of ``resource`` (with ``status``) without a request."""
+        with self._lock:
+            meta = manifest["metadata"]
+            obj = self._stored(resource, copy.deepcopy(manifest), meta["namespace"], meta["name"])
+            if status is not None:
+                obj["status"] = copy.deepcopy(status)
+            return copy.deepcopy(obj)
+
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        labels: dict[str, str],
+        log: str | list[str] = "",
+        phase: str = "Running",
+    ) -> None:
+        """A pod the pod endpoints list and whose log they serve (see the module docstring)."""
+        with self._lock:
+            self.pods[(namespace, name)] = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": dict(labels),
+                    "uid": str(uuid.uuid4()),
+                    "creationTimestamp": _now(),
+                },
+                "spec": {"containers": [{"name": "main", "image": "example"}]},
+                "status": {"phase": phase},
+            }
+            self._logs[(namespace, name)] = [log] if isinstance(log, str) else list(log)
+            self._log_reads[(namespace, name)] = 0
+
     def find(self, method: str, path: str | None = None) -> list[RecordedRequest]:
         """Recorded requests with this method (and path, when given), in order."""
         return [r for r in self.requests if r.method == method and path in (None, r.path)]
@@ -180,7 +266,9 @@ class K8sApiDouble:
         """Store an existing object (generation 1, reconciled) without recording a request."""
         with self._lock:
             meta = manifest["metadata"]
-            obj = self._stored(copy.deepcopy(manifest), meta["namespace"], meta["name"])
+            obj = self._stored(
+                INFERENCE_SERVICES, copy.deepcopy(manifest), meta["namespace"], meta["name"]
+            )
             if ready:
                 obj["status"] = self._status(obj, "ready")
             return copy.deepcopy(obj)
@@ -193,40 +281,88 @@ class K8sApiDouble:
             self.requests.append(req)
             if self.token is not None and not req.authorized:
                 return 401, ApiStatus(401, "Unauthorized", "Unauthorized").body()
-            match = _COLLECTION.fullmatch(req.path)
             try:
-                if match is None:
-                    raise ApiStatus(
-                        404, "NotFound", "the server could not find the requested resource"
-                    )
+                pods = _PODS.fullmatch(req.path)
+                if pods is not None:
+                    return self._pods(req, pods["ns"], pods["name"], bool(pods["log"]))
+                match = _ANY_COLLECTION.fullmatch(req.path)
+                res = self._resource(match)
                 ns, name = match["ns"], match["name"]
                 if name is None:
-                    return self._collection(req, ns)
-                return self._item(req, ns, name, content_type)
+                    return self._collection(req, res, ns)
+                return self._item(req, res, ns, name, content_type)
             except ApiStatus as exc:
                 return exc.code, exc.body()
 
-    def _collection(self, req: RecordedRequest, ns: str) -> tuple[int, Any]:
-        if req.method == "GET":
-            items = [copy.deepcopy(o) for (n, _), o in sorted(self.objects.items()) if n == ns]
+    def _resource(self, match: re.Match[str] | None) -> Resource:
+        for res in RESOURCES:
+            if match is not None and (res.group, res.version, res.plural) == (
+                match["group"],
+                match["version"],
+                match["plural"],
+            ):
+                return res
+        raise ApiStatus(404, "NotFound", "the server could not find the requested resource")
+
+    def _pods(self, req: RecordedRequest, ns: str, name: str | None, log: bool) -> tuple[int, Any]:
+        if req.method != "GET":
+            raise ApiStatus(405, "MethodNotAllowed", f"{req.method} is not supported here")
+        if name is None:
+            wanted = _parse_selector((req.query.get("labelSelector") or [""])[0])
+            items = [
+                copy.deepcopy(pod)
+                for (n, _), pod in sorted(self.pods.items())
+                if n == ns and wanted.items() <= pod["metadata"]["labels"].items()
+            ]
             listing = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "InferenceServiceList",
+                "apiVersion": "v1",
+                "kind": "PodList",
+                "metadata": {"resourceVersion": str(next(self._versions))},
+                "items": items,
+            }
+            return 200, listing
+        key = (ns, name)
+        if key not in self.pods:
+            raise ApiStatus(
+                404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}
+            )
+        if not log:
+            return 200, copy.deepcopy(self.pods[key])
+        snapshots = self._logs[key]
+        text = snapshots[min(self._log_reads[key], len(snapshots) - 1)]
+        self._log_reads[key] += 1
+        return 200, text
+
+    def _collection(self, req: RecordedRequest, res: Resource, ns: str) -> tuple[int, Any]:
+        objects = self._stores[res]
+        if req.method == "GET":
+            items = [copy.deepcopy(o) for (n, _), o in sorted(objects.items()) if n == ns]
+            listing = {
+                "apiVersion": f"{res.group}/{res.version}",
+                "kind": f"{res.kind}List",
                 "metadata": {"resourceVersion": str(next(self._versions))},
                 "items": items,
             }
             return 200, listing
         if req.method == "POST":
-            return 201, self._create(req.json or {}, ns)
+            return 201, self._create(res, req.json or {}, ns)
         raise ApiStatus(405, "MethodNotAllowed", f"{req.method} is not supported here")
 
-    def _item(self, req: RecordedRequest, ns: str, name: str, content_type: str) -> tuple[int, Any]:
+    def _item(
+        self, req: RecordedRequest, res: Resource, ns: str, name: str, content_type: str
+    ) -> tuple[int, Any]:
         key = (ns, name)
-        if key not in self.objects:
-            raise self._not_found(name)
+        objects = self._stores[res]
+        if key not in objects:
+            raise self._not_found(name, res)
         if req.method == "GET":
-            self._reconcile(key)
-            return 200, copy.deepcopy(self.objects[key])
+            if res == INFERENCE_SERVICES:
+                self._reconcile(key)
+            else:
+                self._run_script(res, key)
+            return 200, copy.deepcopy(objects[key])
+        if res != INFERENCE_SERVICES and req.method != "DELETE":
+            raise ApiStatus(405, "MethodNotAllowed", f"{req.method} is not supported here")
         if req.method == "PUT":
             return 200, self._replace(req.json or {}, key)
         if req.method == "PATCH":
@@ -238,8 +374,13 @@ class K8sApiDouble:
                 )
             return 200, self._patch(req.json, key)
         if req.method == "DELETE":
-            obj = self.objects.pop(key)
-            details = {"name": name, "group": GROUP, "kind": PLURAL, "uid": obj["metadata"]["uid"]}
+            obj = objects.pop(key)
+            details = {
+                "name": name,
+                "group": res.group,
+                "kind": res.plural,
+                "uid": obj["metadata"]["uid"],
+            }
             return 200, {
                 "kind": "Status",
                 "apiVersion": "v1",
@@ -252,11 +393,11 @@ class K8sApiDouble:
     # object store --------------------------------------------------------------------
 
     @staticmethod
-    def _not_found(name: str) -> ApiStatus:
-        details = {"name": name, "group": GROUP, "kind": PLURAL}
-        return ApiStatus(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', details)
+    def _not_found(name: str, res: Resource = INFERENCE_SERVICES) -> ApiStatus:
+        details = {"name": name, "group": res.group, "kind": res.plural}
+        return ApiStatus(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found', details)
 
-    def _stored(self, body: dict[str, Any], ns: str, name: str) -> dict[str, Any]:
+    def _stored(self, res: Resource, body: dict[str, Any], ns: str, name: str) -> dict[str, Any]:
         meta = body.setdefault("metadata", {})
         meta.update(
             namespace=ns,
@@ -266,21 +407,24 @@ class K8sApiDouble:
             resourceVersion=str(next(self._versions)),
         )
         body.pop("status", None)
-        self.objects[(ns, name)] = body
-        self._polls[(ns, name)] = 0
+        self._stores[res][(ns, name)] = body
+        if res == INFERENCE_SERVICES:
+            self._polls[(ns, name)] = 0
+        else:
+            self._script_reads[(res.plural, ns, name)] = 0
         return body
 
-    def _create(self, body: dict[str, Any], ns: str) -> dict[str, Any]:
+    def _create(self, res: Resource, body: dict[str, Any], ns: str) -> dict[str, Any]:
         meta = body.get("metadata") or {}
         name = meta.get("name")
         if not name or meta.get("namespace", ns) != ns:
             raise ApiStatus(400, "BadRequest", "metadata.name is required and namespace must match")
-        if (ns, name) in self.objects:
-            details = {"name": name, "group": GROUP, "kind": PLURAL}
+        if (ns, name) in self._stores[res]:
+            details = {"name": name, "group": res.group, "kind": res.plural}
             raise ApiStatus(
-                409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', details
+                409, "AlreadyExists", f'{res.plural}.{res.group} "{name}" already exists', details
             )
-        return copy.deepcopy(self._stored(copy.deepcopy(body), ns, name))
+        return copy.deepcopy(self._stored(res, copy.deepcopy(body), ns, name))
 
     def _conflict(self, name: str) -> ApiStatus:
         return ApiStatus(
@@ -369,6 +513,15 @@ class K8sApiDouble:
             }
         return status
 
+    def _run_script(self, res: Resource, key: tuple[str, str]) -> None:
+        script = self.status_scripts.get(res.plural)
+        reads = (res.plural, *key)
+        if not script:
+            return
+        step = script[min(self._script_reads.get(reads, 0), len(script) - 1)]
+        self._script_reads[reads] = self._script_reads.get(reads, 0) + 1
+        self._stores[res][key]["status"] = copy.deepcopy(step)
+
     def _reconcile(self, key: tuple[str, str]) -> None:
         obj = self.objects[key]
         self._polls[key] += 1
@@ -376,6 +529,19 @@ class K8sApiDouble:
         due = self._polls[key] >= self.ready_after_polls
         if due and observed != obj["metadata"]["generation"]:
             obj["status"] = self._status(obj, self.mode)
+
+
+def _parse_selector(text: str) -> dict[str, str]:
+    """An equality-based label selector (``a=b,c==d``) as a dict; other forms are refused."""
+    wanted: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = term.replace("==", "=").partition("=")
+        if not sep or "!" in key:
+            raise ApiStatus(
+                400, "BadRequest", f"the double only serves equality selectors, got {term!r}"
+            )
+        wanted[key.strip()] = value.strip()
+    return wanted
 
 
 def write_kubeconfig(
@@ -424,9 +590,11 @@ def _make_handler(double: K8sApiDouble) -> type[http.server.BaseHTTPRequestHandl
                 json=json.loads(raw) if raw else None,
             )
             status, payload = double.handle(req, self.headers.get("Content-Type", ""))
-            data = json.dumps(payload).encode("utf-8")
+            # A pod log is the one plain-text answer; everything else is JSON.
+            text = isinstance(payload, str)
+            data = payload.encode("utf-8") if text else json.dumps(payload).encode("utf-8")
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -29,6 +29,7 @@ from imgclf import config
 from imgclf.errors import ConfigError
 
 SECTION = "kfp"
+TRAIN_BACKENDS = ("pod", "trainjob", "pytorchjob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,31 @@ class ClusterSettings:
     retries: int = 2
     retry_backoff: str = "60s"
     retry_backoff_factor: float = 2.0
+    # How the train task runs: in its own pod ("pod"), or as a Kubeflow Trainer TrainJob
+    # ("trainjob") or training-operator PyTorchJob ("pytorchjob") on num_nodes nodes, each
+    # with gpu_limit GPUs, that the task submits and waits for (imgclf.kfp.trainjob).
+    train_backend: str = "pod"
+    num_nodes: int = 1
+    trainjob_runtime: str = "torch-distributed"
+    train_job_timeout_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.train_backend not in TRAIN_BACKENDS:
+            raise ConfigError(
+                f"{SECTION}.train_backend={self.train_backend!r}: must be one of "
+                f"{', '.join(TRAIN_BACKENDS)}"
+            )
+        if self.num_nodes < 1:
+            raise ConfigError(f"{SECTION}.num_nodes={self.num_nodes}: must be >= 1")
+        if self.num_nodes > 1 and self.train_backend == "pod":
+            raise ConfigError(
+                f"{SECTION}.num_nodes={self.num_nodes}: a pod is one node; set "
+                f"{SECTION}.train_backend to trainjob or pytorchjob to train on several"
+            )
+        if not self.train_job_timeout_s > 0:
+            raise ConfigError(
+                f"{SECTION}.train_job_timeout_s={self.train_job_timeout_s}: must be > 0"
+            )
 
 
 # params.yaml section -> the config class its pipeline parameters are built from.
