@@ -605,3 +605,32 @@ def _make_handler(double: K8sApiDouble) -> type[http.server.BaseHTTPRequestHandl
             """Quiet: the recorded requests are the log."""
 
     return Handler
+
+
+class FakeClock:
+    """``clock`` and ``sleep`` for the wait loops (apply_and_wait, submit_and_wait):
+    sleeping only moves the clock, so timeouts are tested without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def hide_cluster_credentials(monkeypatch: Any, tmp_path: Path, *, home: bool = True) -> None:
+    """Keep this machine's credentials (a pod's service account, ~/.kube/config,
+    $KUBECONFIG) out of a test: only what the test writes may reach a cluster."""
+    from imgclf.serving import cluster
+
+    if home:
+        (tmp_path / "home").mkdir(exist_ok=True)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(cluster, "SERVICE_ACCOUNT_DIR", tmp_path / "no-service-account")

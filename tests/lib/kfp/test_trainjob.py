@@ -20,7 +20,14 @@ from imgclf.errors import ConfigError
 from imgclf.kfp import trainjob
 from imgclf.kfp.settings import ClusterSettings, load_cluster_settings
 from imgclf.serving import cluster as k8s
-from k8s_api_double import PYTORCHJOBS, TRAINJOBS, K8sApiDouble, write_kubeconfig
+from k8s_api_double import (
+    PYTORCHJOBS,
+    TRAINJOBS,
+    FakeClock,
+    K8sApiDouble,
+    hide_cluster_credentials,
+    write_kubeconfig,
+)
 
 TOKEN = "s3cr3t-bearer-token"
 NAMESPACE = "imgclf"
@@ -31,21 +38,6 @@ CRDS = {
     "trainjob": "trainer.kubeflow.org_trainjobs.yaml",
     "pytorchjob": "kubeflow.org_pytorchjobs.yaml",
 }
-
-
-class FakeClock:
-    """``clock`` and ``sleep`` for submit_and_wait: sleeping only moves the clock."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def _manifest(backend: str, num_nodes: int = 1, **settings: Any) -> dict[str, Any]:
@@ -93,8 +85,7 @@ TRAINJOB_FAILED = {
 @pytest.fixture(autouse=True)
 def _no_in_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """This machine may run in a pod: hide its service account from every test."""
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(k8s, "SERVICE_ACCOUNT_DIR", tmp_path / "no-service-account")
+    hide_cluster_credentials(monkeypatch, tmp_path, home=False)
 
 
 @pytest.fixture

@@ -22,25 +22,10 @@ import pytest
 from imgclf.errors import DeployError
 from imgclf.serving import cluster
 from imgclf.serving import manifest as kserve
-from k8s_api_double import K8sApiDouble, write_kubeconfig
+from k8s_api_double import FakeClock, K8sApiDouble, hide_cluster_credentials, write_kubeconfig
 
 TOKEN = "s3cr3t-bearer-token"
 NAMESPACE, NAME = "imgclf", "digits"
-
-
-class FakeClock:
-    """``clock`` and ``sleep`` for apply_and_wait: sleeping only moves the clock."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def _manifest(version: int = 3, **overrides: Any) -> dict[str, Any]:
@@ -58,8 +43,7 @@ def _manifest(version: int = 3, **overrides: Any) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _no_in_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """This machine may run in a pod: hide its service account from every test."""
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(cluster, "SERVICE_ACCOUNT_DIR", tmp_path / "no-service-account")
+    hide_cluster_credentials(monkeypatch, tmp_path, home=False)
 
 
 @pytest.fixture

@@ -22,10 +22,9 @@ from imgclf.config import DeployConfig, RegistryConfig
 from imgclf.errors import DeployError
 from imgclf.fsutil import read_json
 from imgclf.registry import ModelRegistry
-from imgclf.serving import cluster
 from imgclf.serving import manifest as kserve
 from imgclf.steps import deploy
-from k8s_api_double import K8sApiDouble, write_kubeconfig
+from k8s_api_double import K8sApiDouble, hide_cluster_credentials, write_kubeconfig
 
 TOKEN = "rollout-bearer-token"
 NAME = "digits"
@@ -40,12 +39,7 @@ MODEL_VERSION_LABEL = f"{kserve.LABEL_PREFIX}/model-version"
 @pytest.fixture(autouse=True)
 def _no_real_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No credentials of this machine (a pod's account, ~/.kube/config) may leak in."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(cluster, "SERVICE_ACCOUNT_DIR", tmp_path / "no-service-account")
+    hide_cluster_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture
