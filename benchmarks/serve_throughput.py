@@ -63,9 +63,7 @@ import http.client
 import itertools
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -73,7 +71,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,8 +79,10 @@ from typing import Any
 import aiohttp
 import torch
 
+from imgclf.config import ServeConfig
 from imgclf.contracts import IMAGES_DIR
 from imgclf.serving.images import b64decode, decode_image
+from imgclf.serving.smoke import ServerProcess, wait_ready
 from imgclf.training import engine
 from imgclf.training.models import load_model_dir
 from imgclf.training.presets import ClassificationPresetEval
@@ -102,7 +101,6 @@ TINY_TRAIN_LARGE = ("epochs=1", "max_steps_per_epoch=3", "batch_size=8", "augmen
 THROUGHPUT_TARGET = 0.7
 LATENCY_SLACK_MS = 10.0
 MAX_PIXELS = 4096 * 4096
-LISTENING = re.compile(r"Uvicorn running on http://[^:/]+:(\d+)")
 START_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 30.0
 
@@ -274,9 +272,8 @@ def step_costs_ms(samples: list[Sample], forward: Forward) -> dict[str, float]:
 class Server:
     """A running ``imgclf serve`` subprocess."""
 
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     url: str
-    log: deque[str]
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server process so far (all its threads)."""
@@ -308,77 +305,32 @@ class Server:
         }
 
 
-def _drain(stream: Any, log: deque[str], port: list[str], listening: threading.Event) -> None:
-    for line in stream:
-        log.append(line.rstrip())
-        if not port and (match := LISTENING.search(line)):
-            port.append(match.group(1))
-            listening.set()
-    listening.set()  # the process ended before listening
-
-
 @contextmanager
 def running_server(model_dir: Path, args: argparse.Namespace) -> Iterator[Server]:
-    """Start ``imgclf serve`` on a free port, wait until ready, SIGTERM it on exit."""
-    command = [
-        sys.executable,
-        "-m",
-        "imgclf",
-        "serve",
-        "--model-dir",
-        str(model_dir),
-        "--model",
-        MODEL_NAME,
-        "--http_port",
-        "0",
-        "--set",
-        f"max_batch_size={args.max_batch_size}",
-        "--set",
-        f"max_batch_wait_ms={args.max_batch_wait_ms}",
-        "--set",
-        f"device={args.device}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    """Start ``imgclf serve`` the way the deploy smoke test does (its ``ServerProcess``: a
+    free port, a log file), wait until ready, SIGTERM it on exit."""
+    cfg = ServeConfig(
+        max_batch_size=args.max_batch_size,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        device=args.device,
     )
-    log: deque[str] = deque(maxlen=200)
-    port: list[str] = []
-    listening = threading.Event()
-    # the server logs a line per request: keep reading, or it blocks on a full pipe
-    threading.Thread(
-        target=_drain, args=(process.stderr, log, port, listening), daemon=True
-    ).start()
-    try:
-        started = time.perf_counter()
-        if not listening.wait(START_TIMEOUT_S) or not port:
-            tail = "\n".join(list(log)[-20:])
-            raise SystemExit(f"imgclf serve did not start listening:\n{tail}")
-        server = Server(process, f"http://127.0.0.1:{port[0]}", log)
-        wait_ready(server.url, started + START_TIMEOUT_S)
-        print(f"server pid {process.pid} ready at {server.url}", flush=True)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_ready(url: str, deadline: float) -> None:
-    """Poll ``/v2/health/ready`` until it answers 200, or SystemExit at ``deadline``."""
-    while time.perf_counter() < deadline:
+    # the server's torch threads, as set in this process (it inherits the environment)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory(prefix="imgclf-serve-bench-") as work:
+        proc = ServerProcess(model_dir, MODEL_NAME, cfg, Path(work))
         try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url}/v2/health/ready did not answer 200 in time")
+            started = time.monotonic()
+            problem = proc.wait_listening(START_TIMEOUT_S) or wait_ready(
+                proc.base_url, MODEL_NAME, started + START_TIMEOUT_S
+            )
+            if problem is not None:
+                tail = "\n".join(proc.log_tail(20))
+                raise SystemExit(f"imgclf serve did not start: {problem}\n{tail}")
+            server = Server(proc.process, proc.base_url)
+            print(f"server pid {proc.process.pid} ready at {server.url}", flush=True)
+            yield server
+        finally:
+            proc.stop()
 
 
 # the clients --------------------------------------------------------------------------
