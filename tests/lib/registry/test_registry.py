@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from _model_factory import build_model_dir
+from _store_faults import CrashOnReady
 from imgclf import contracts
 from imgclf.cli import main
 from imgclf.contracts import model_dir_checksums
@@ -21,22 +22,6 @@ from imgclf.storage import LocalStore
 NAME = "digits"
 METRICS = {"accuracy": 0.97, "macro_f1": 0.96, "passed": True}
 LINEAGE = {"dataset_hash": "d" * 64, "git_commit": "abc123", "params": {"epochs": 1}}
-
-
-class CrashOnReady:
-    """A real LocalStore that dies when asked to write a READY marker, like a killed pod."""
-
-    def __init__(self, inner: LocalStore) -> None:
-        self.inner = inner
-        self.uri = inner.uri
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.inner, attr)
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        if key.endswith("/READY"):
-            raise OSError("simulated crash before READY")
-        self.inner.write_bytes(key, data)
 
 
 class RecordingStore:

@@ -24,6 +24,7 @@ import pytest
 
 from _dataset_factory import build_tiny_dataset
 from _model_factory import build_model_dir
+from _store_faults import CrashOnReady
 from imgclf.cli import main
 from imgclf.config import RegistryConfig, TrainConfig
 from imgclf.contracts import MODEL_FILE, WEIGHTS_FILE
@@ -31,7 +32,6 @@ from imgclf.errors import RegistryError
 from imgclf.fsutil import sha256_file
 from imgclf.registry import ModelRegistry, VersionIntegrityError
 from imgclf.registry.retrain import should_retrain
-from imgclf.storage import Store
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -321,28 +321,12 @@ def test_evaluate_refuses_a_tampered_champion_in_one_line(
 # -- 4. garbage collection ------------------------------------------------------------------
 
 
-class DiesBeforeReady:
-    """The store a killed deploy leaves behind: everything lands except ``READY``."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.uri = inner.uri
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self.inner, attr)
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        if key.endswith("/READY"):
-            raise OSError("killed before READY")
-        self.inner.write_bytes(key, data)
-
-
 def _publish(reg: ModelRegistry, model: Path, name: str = NAME, *, dies: bool = False) -> None:
     if not dies:
         reg.publish(name, model, {"accuracy": 0.9}, {})
         return
-    with pytest.raises(OSError, match="killed before READY"):
-        ModelRegistry(DiesBeforeReady(reg.store)).publish(name, model, {}, {})
+    with pytest.raises(OSError, match="simulated crash before READY"):
+        ModelRegistry(CrashOnReady(reg.store)).publish(name, model, {}, {})
 
 
 def _versions_present(reg: ModelRegistry, name: str = NAME) -> list[int]:
