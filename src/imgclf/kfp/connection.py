@@ -1,5 +1,22 @@
 """Where the KFP API is, how to authenticate, and its failures as one-line messages.
 
+The API is found the way the kfp SDK and CLI find it, so a shell set up for ``kfp`` works
+for ``imgclf pipeline`` too. First match wins:
+
+====================================  ==============================================
+host                                  namespace
+====================================  ==============================================
+``--host``                            ``--namespace``
+``KFP_HOST``                          ``KFP_NAMESPACE``
+``KF_PIPELINES_ENDPOINT`` (kfp SDK)   ``namespace`` of ``$HOME/.config/kfp/context.json``
+in-cluster, inside a pod              none (single-user Kubeflow)
+``http://localhost:8080``
+====================================  ==============================================
+
+The kfp context file (``kfp.Client._LOCAL_KFP_CONTEXT``; ``kfp.Client`` writes it in
+``set_user_namespace``) holds a namespace and auth cookie/header settings but no endpoint
+in kfp 2.x, so only its namespace is used; ``kfp.Client`` applies the rest itself.
+
 The token is only ever put in the ``Authorization`` header; it never appears in messages or
 reprs. ``kfp`` is imported inside functions so ``imgclf --help`` stays fast.
 """
@@ -24,6 +41,8 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "http://localhost:8080"
 IN_CLUSTER_API = "ml-pipeline.kubeflow.svc.cluster.local:8888"
+HOST_VARS = ("KFP_HOST", "KF_PIPELINES_ENDPOINT")  # ours, then the kfp SDK's
+KFP_CONTEXT_FILE = Path(".config", "kfp", "context.json")  # under HOME, as kfp.Client has it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +65,19 @@ def resolve_connection(
     token_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Connection:
-    """Flags first, then ``KFP_HOST`` / ``KFP_NAMESPACE`` / ``KFP_TOKEN``.
+    """Flags first, then the environment, then the kfp context file (module docstring).
 
     Without a host, a process inside a pod (``KUBERNETES_SERVICE_HOST`` set) lets
     ``kfp.Client`` find the in-cluster API and its service-account token; elsewhere the
     default is ``http://localhost:8080``, the address of
-    ``kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80``.
+    ``kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80``. Everything comes from
+    ``env`` (default ``os.environ``), the context file through its ``HOME``.
     """
     env = os.environ if env is None else env
-    host = host or env.get("KFP_HOST") or None
+    host = host or next((env[v].strip() for v in HOST_VARS if env.get(v, "").strip()), None)
     if host is None and not env.get("KUBERNETES_SERVICE_HOST"):
         host = DEFAULT_HOST
-    namespace = namespace or env.get("KFP_NAMESPACE") or None
+    namespace = namespace or env.get("KFP_NAMESPACE") or context_namespace(env)
     token = env.get("KFP_TOKEN") or None
     if token_file is not None:
         path = Path(token_file)
@@ -68,6 +88,30 @@ def resolve_connection(
         if not token:
             raise ConfigError(f"--token-file {path}: the file is empty")
     return Connection(host=host.rstrip("/") if host else None, namespace=namespace, token=token)
+
+
+def context_namespace(env: Mapping[str, str] | None = None) -> str | None:
+    """The namespace saved in the kfp context file under ``HOME``, None if there is none.
+
+    A file that is there but unreadable is a ConfigError naming it: ``kfp.Client`` reads the
+    same file and would fail later with a bare JSON traceback.
+    """
+    env = os.environ if env is None else env
+    home = env.get("HOME")
+    if not home:
+        return None
+    path = Path(home, KFP_CONTEXT_FILE)
+    try:
+        context = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise ConfigError(f"{path}: cannot read the kfp context ({reason})") from None
+    namespace = context.get("namespace") if isinstance(context, dict) else None
+    if namespace is not None and not isinstance(namespace, str):
+        raise ConfigError(f"{path}: namespace must be a string, not {namespace!r}")
+    return (namespace or "").strip() or None
 
 
 def _error_message(body: Any) -> str:

@@ -78,7 +78,12 @@ def make_http_client(settings: S3Settings) -> urllib3.PoolManager:
 
 
 def make_client(settings: S3Settings, http_client: urllib3.PoolManager | None = None) -> Minio:
-    """A minio client for ``settings`` with the store's timeouts and retry policy."""
+    """A minio client for ``settings`` with the store's timeouts and retry policy.
+
+    Static keys (environment, credential files) win; otherwise the renewing provider chain
+    (an IAM role), which the SDK asks before each request and refreshes when it expires;
+    with neither, anonymous requests.
+    """
     return Minio(
         settings.endpoint,
         access_key=settings.access_key,
@@ -87,6 +92,7 @@ def make_client(settings: S3Settings, http_client: urllib3.PoolManager | None = 
         secure=settings.secure,
         region=settings.region,
         http_client=http_client if http_client is not None else make_http_client(settings),
+        credentials=None if settings.access_key else settings.credentials,
     )
 
 
@@ -95,8 +101,8 @@ def describe_failure(exc: BaseException, bucket: str, timeout: float) -> str:
     if isinstance(exc, S3Error):
         if exc.code in DENIED:
             return (
-                f"access denied ({exc.code}); check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY for this endpoint"
+                f"access denied ({exc.code}); check the credentials for this endpoint "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws/credentials)"
             )
         if exc.code == "NoSuchBucket":
             return f"bucket {bucket!r} does not exist"
