@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint s3 compile clean
+.PHONY: install demo test lint lock s3 compile clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: install
 
 lint: install
 	ruff check . && ruff format --check .
+
+# The image's pinned dependencies (requirements/*.lock.txt) after a change to pyproject.toml;
+# `python scripts/lock.py --check` says whether they are stale, `--upgrade` moves every pin.
+lock: install
+	python scripts/lock.py
 
 s3: install
 	imgclf dev s3
