@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from imgclf import __version__, proc
+from imgclf.cli.helptext import HelpFormatter, examples_epilog
 from imgclf.config import DEFAULT_PARAMS, read_params
 from imgclf.errors import ImgclfError
 from imgclf.storage.s3config import params_section, s3_params
@@ -104,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
             "ingest -> validate -> train -> evaluate -> deploy, run by DVC locally or "
             "Kubeflow Pipelines on Kubernetes."
         ),
+        epilog=examples_epilog(
+            [
+                (
+                    "the whole DAG on this machine, each task a local process",
+                    "imgclf pipeline run --local",
+                ),
+                (
+                    "one step, two epochs instead of params.yaml's train.epochs",
+                    "imgclf --params params.yaml train --set epochs=2",
+                ),
+            ]
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

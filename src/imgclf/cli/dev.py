@@ -14,20 +14,31 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from imgclf.cli.helptext import add_command
 from imgclf.errors import StorageError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dev`` and its tools to the top-level parser."""
-    dev = subparsers.add_parser(
+    dev = add_command(
+        subparsers,
         "dev",
-        help="development tools (a local S3 server)",
+        "Development tools (a local S3 server).",
+        [("S3 on http://127.0.0.1:8333, data kept in .s3data/", "imgclf dev s3")],
         description="Tools for working on this machine without a cluster.",
     )
     tools = dev.add_subparsers(dest="dev_command", metavar="<tool>", required=True)
-    s3 = tools.add_parser(
+    s3 = add_command(
+        tools,
         "s3",
-        help="run a local S3 server (SeaweedFS) in the foreground",
+        "Run a local S3 server (SeaweedFS) in the foreground.",
+        [
+            ("what `make s3` runs", "imgclf dev s3"),
+            (
+                "another port, and a bucket for the registry",
+                "imgclf dev s3 --port 9000 --bucket imgclf-models",
+            ),
+        ],
         description=(
             "Start SeaweedFS's S3 gateway on 127.0.0.1, print the endpoint, credentials and "
             "export lines, and run until Ctrl-C. Credentials come from AWS_ACCESS_KEY_ID / "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgclf.cli import add_params_flag, pipeline_local
+from imgclf.cli.helptext import add_command
 from imgclf.cli.output import format_table
 from imgclf.errors import ConfigError
 from imgclf.kfp.client import (
@@ -313,23 +314,53 @@ def _schedule_create_flags(p: argparse.ArgumentParser, *, required: bool) -> Non
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``imgclf pipeline`` and its subcommands to the ``imgclf`` parser."""
     conn = _connection_flags()
-    top = sub.add_parser(
+    top = add_command(
+        sub,
         "pipeline",
-        help="compile, upload, run and schedule the Kubeflow training pipeline",
+        "Compile, upload, run and schedule the Kubeflow training pipeline.",
+        [
+            (
+                "the real DAG on this machine, each task a local process",
+                "imgclf pipeline run --local",
+            ),
+            ("compile, upload and run on the KFP server, and wait", "imgclf pipeline run --wait"),
+        ],
         description="Compile the KFP training pipeline and drive it on a KFP API server "
         "(REST v2beta1), or run the same DAG locally with --local.",
     )
     cmds = top.add_subparsers(dest="pipeline_command", metavar="<subcommand>", required=True)
 
-    p = cmds.add_parser("compile", help="compile the training pipeline to YAML")
+    p = add_command(
+        cmds,
+        "compile",
+        "Compile the training pipeline to YAML.",
+        [
+            (
+                "writes pipelines/training_pipeline.yaml, prints its sha256",
+                "imgclf pipeline compile",
+            ),
+            ("somewhere else", "imgclf pipeline compile --out build/training_pipeline.yaml"),
+        ],
+    )
     p.add_argument("--out", default=str(DEFAULT_PACKAGE), help="(default: %(default)s)")
     _params_file_flag(p)
     p.set_defaults(func=_compile)
 
-    p = cmds.add_parser(
+    p = add_command(
+        cmds,
         "upload",
+        "Upload the package as a new pipeline, or a new version of one.",
+        [
+            (
+                "compile, then upload to KFP port-forwarded to localhost:8080",
+                "imgclf pipeline upload --host http://localhost:8080",
+            ),
+            (
+                "a package compiled before, under another name",
+                "imgclf pipeline upload --package build/training_pipeline.yaml --name my-training",
+            ),
+        ],
         parents=[conn],
-        help="upload the package as a new pipeline, or a new version of an existing one",
     )
     p.add_argument("--name", default=DEFAULT_PIPELINE_NAME, help="(default: %(default)s)")
     p.add_argument("--version", help="name of the new version (default: <name>-<time>-<sha>)")
@@ -341,7 +372,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     _params_file_flag(p)
     p.set_defaults(func=_upload)
 
-    p = cmds.add_parser("run", parents=[conn], help="start one run (or run locally with --local)")
+    p = add_command(
+        cmds,
+        "run",
+        "Start one run on a KFP server, or run the DAG here with --local.",
+        [
+            (
+                "retrain here even though the data did not change",
+                "imgclf pipeline run --local --param force=true",
+            ),
+            (
+                "an uploaded pipeline, 4 epochs, waiting for the end (PIPELINE_ID is yours)",
+                "imgclf pipeline run --pipeline-id PIPELINE_ID --param epochs=4 --wait",
+            ),
+        ],
+        parents=[conn],
+    )
     _source_flags(p)
     _param_flags(p)
     p.add_argument("--run-name", help="(default: imgclf-training <UTC time>)")
@@ -362,36 +408,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run)
 
-    sched = cmds.add_parser(
+    sched = add_command(
+        cmds,
         "schedule",
+        "Create and manage recurring runs (cron, seconds first).",
+        [
+            (
+                "a run at 02:00 every day (PIPELINE_ID is yours)",
+                'imgclf pipeline schedule --pipeline-id PIPELINE_ID --cron "0 0 2 * * *"',
+            ),
+            ("the recurring runs there are", "imgclf pipeline schedule list"),
+        ],
+        description="Create and manage recurring runs (cron, seconds first). "
+        "`schedule --cron ...` is short for `schedule create --cron ...`.",
         parents=[conn],
-        help="recurring runs (cron, seconds first)",
-        description="`schedule --cron ...` is short for `schedule create --cron ...`.",
     )
     _schedule_create_flags(sched, required=False)
     sched.set_defaults(func=_schedule_create)
     scmds = sched.add_subparsers(dest="schedule_command", metavar="<action>", required=False)
-    p = scmds.add_parser(
+    p = add_command(
+        scmds,
         "create",
+        "Create a recurring run: one run at a time, no catch-up.",
+        [
+            (
+                "a run at 02:00 every day (PIPELINE_ID is yours)",
+                'imgclf pipeline schedule create --pipeline-id PIPELINE_ID --cron "0 0 2 * * *"',
+            ),
+        ],
         parents=[conn],
-        help="create a recurring run: one run at a time, no catch-up",
     )
     _schedule_create_flags(p, required=True)
     p.set_defaults(func=_schedule_create)
     for action, func, text in (
-        ("enable", _schedule_toggle, "enable a recurring run"),
-        ("disable", _schedule_toggle, "disable a recurring run (keeps it and its runs)"),
-        ("delete", _schedule_delete, "delete a recurring run"),
+        ("enable", _schedule_toggle, "Enable a recurring run."),
+        ("disable", _schedule_toggle, "Disable a recurring run (keeps it and its runs)."),
+        ("delete", _schedule_delete, "Delete a recurring run."),
     ):
-        p = scmds.add_parser(action, parents=[conn], help=text)
+        example = (
+            "RUN_ID: an id `imgclf pipeline schedule list` shows",
+            f"imgclf pipeline schedule {action} RUN_ID",
+        )
+        p = add_command(scmds, action, text, [example], parents=[conn])
         p.add_argument("id", help="recurring run id (see `imgclf pipeline schedule list`)")
         p.set_defaults(func=func)
-    p = scmds.add_parser("list", parents=[conn], help="list recurring runs")
+    p = add_command(
+        scmds,
+        "list",
+        "List recurring runs.",
+        [
+            ("every recurring run", "imgclf pipeline schedule list"),
+            ("those of one experiment", "imgclf pipeline schedule list --experiment imgclf"),
+        ],
+        parents=[conn],
+    )
     p.add_argument("--experiment", help="only this experiment's recurring runs")
     p.add_argument("--limit", type=_positive, default=50, help="(default: %(default)s)")
     p.set_defaults(func=_schedule_list)
 
-    p = cmds.add_parser("runs", parents=[conn], help="list recent runs with their state")
+    p = add_command(
+        cmds,
+        "runs",
+        "List recent runs with their state.",
+        [
+            ("the 20 newest runs", "imgclf pipeline runs"),
+            (
+                "the 5 newest of one experiment",
+                "imgclf pipeline runs --experiment imgclf --limit 5",
+            ),
+        ],
+        parents=[conn],
+    )
     p.add_argument("--experiment", help="only this experiment's runs")
     p.add_argument("--limit", type=_positive, default=20, help="(default: %(default)s)")
     p.set_defaults(func=_runs)

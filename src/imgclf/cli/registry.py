@@ -16,6 +16,7 @@ from typing import Any
 
 from imgclf import config
 from imgclf.cli import add_params_flag
+from imgclf.cli.helptext import add_command
 from imgclf.cli.output import format_table
 from imgclf.errors import RegistryError
 from imgclf.registry import (
@@ -259,9 +260,14 @@ def _add_serving(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``imgclf registry <list|show|promote|rollback|verify|gc>``."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "registry",
-        help="list model versions, show one, promote or roll back an alias, verify, gc",
+        "List, show, promote, roll back, verify and clean up model versions.",
+        [
+            ("versions, accuracy and aliases of every model", "imgclf registry list"),
+            ("production back to its previous version", "imgclf registry rollback digits"),
+        ],
         description=(
             "Inspect model versions and move aliases by hand: promote a version on purpose, "
             "or roll an alias back after a bad release; check stored files against what was "
@@ -271,24 +277,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     sub = parser.add_subparsers(dest="registry_command", metavar="<action>", required=True)
 
-    p = sub.add_parser("list", help="list complete versions with accuracy and aliases")
+    p = add_command(
+        sub,
+        "list",
+        "List complete versions with accuracy and aliases.",
+        [
+            ("every version in the registry of params.yaml", "imgclf registry list"),
+            (
+                "one model in an S3 registry, as JSON (bucket is a placeholder)",
+                "imgclf registry list --model digits --registry s3://bucket/registry --json",
+            ),
+        ],
+    )
     p.add_argument("--model", metavar="NAME", help="only this model (default: every model)")
     _add_common(p)
     p.set_defaults(func=_list)
 
-    p = sub.add_parser("show", help="metrics, lineage and files of one version")
+    p = add_command(
+        sub,
+        "show",
+        "Show metrics, lineage and files of one version.",
+        [("version 3 of digits, its files checked too", "imgclf registry show digits 3")],
+    )
     p.add_argument("name", help="model name")
     p.add_argument("version", type=int, help="version number")
     _add_common(p)
     p.set_defaults(func=_show)
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "promote",
-        help="point an alias (default: registry.alias) at a version, or start/finish a canary",
+        "Point an alias at a version, or start or finish a canary.",
+        [
+            ("version 3 takes 10% of the traffic", "imgclf registry promote digits 3 --canary 10"),
+            ("then production -> 3, all traffic", "imgclf registry promote digits --finish"),
+        ],
         description=(
-            "Point an alias at a version and, in a cluster, apply its InferenceService. "
-            "--canary 10 sends 10%% of the traffic to the version while the alias keeps the "
-            "current one; --finish moves the alias (and all traffic) to the canary."
+            "Point an alias (default: registry.alias) at a version and, in a cluster, apply "
+            "its InferenceService. --canary 10 sends 10% of the traffic to the version while "
+            "the alias keeps the current one; --finish moves the alias (and all traffic) to "
+            "the canary."
         ),
     )
     p.add_argument("name", help="model name")
@@ -300,10 +328,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_common(p)
     p.set_defaults(func=_promote)
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "rollback",
-        help="move an alias back to its previous version (or drop its canary), and in a "
-        "cluster re-apply that version's InferenceService",
+        "Move an alias back to its previous version, or drop its canary.",
+        [
+            ("production back to the version before", "imgclf registry rollback digits"),
+            (
+                "also write the InferenceService it applies",
+                "imgclf registry rollback digits --manifest out/deploy/inferenceservice.yaml",
+            ),
+        ],
+        description="Move an alias back to its previous version (or drop its canary), and in "
+        "a cluster re-apply that version's InferenceService.",
     )
     p.add_argument("name", help="model name")
     p.add_argument("--alias", help="alias to move (default: registry.alias, e.g. production)")
@@ -311,9 +348,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_common(p)
     p.set_defaults(func=_rollback)
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "verify",
-        help="check every stored file of complete versions against its READY sha256",
+        "Check the stored files of complete versions against READY.",
+        [
+            ("every version of every model", "imgclf registry verify"),
+            (
+                "one version in an S3 registry (bucket is a placeholder)",
+                "imgclf registry verify digits 3 --registry s3://bucket/registry",
+            ),
+        ],
         description=(
             "Hash every file of every complete version (of NAME; only VERSION when given) "
             "as it streams from the store and compare it with the sha256 recorded in READY "
@@ -327,9 +372,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=_verify)
 
     default_hours = DEFAULT_GC_GRACE.total_seconds() / 3600
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "gc",
-        help="remove incomplete versions (no READY) left by failed publishes",
+        "Remove incomplete versions (no READY) left by failed publishes.",
+        [
+            ("list what would be removed", "imgclf registry gc --dry-run"),
+            (
+                "remove those of digits older than two days",
+                "imgclf registry gc digits --older-than 48",
+            ),
+        ],
         description=(
             "Remove the versions without READY (publishes that died) whose newest object is "
             "older than --older-than hours. Complete versions and versions an alias names "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imgclf import config
 from imgclf.cli import add_params_flag
+from imgclf.cli.helptext import add_command
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,9 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``imgclf serve``."""
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "serve",
-        help="serve a model over HTTP (KServe v1 and v2 protocols)",
+        "Serve a model over HTTP (KServe v1 and v2 protocols).",
+        [
+            ("the production version of registry.uri on port 8080", "imgclf serve"),
+            ("a model dir on any free port", "imgclf serve --model-dir out/model --http-port 0"),
+        ],
         description=(
             "Serve a model dir (--model-dir) or a registry version (default: the version "
             "the production alias points to) with the KServe model server: "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from imgclf.errors import StorageError
 from imgclf.fsutil import sha256_file
+from imgclf.storage.progress import file_size, transfer_progress
 
 # link(2) is refused with these by filesystems without hard links (some FUSE, SMB mounts)
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -128,26 +129,32 @@ class LocalStore:
 
     def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
         """Copy a directory tree under ``prefix``."""
-        keys = []
-        for p in sorted(Path(local_dir).rglob("*")):
-            if p.is_file():
-                key = "/".join(
-                    filter(None, [prefix.strip("/"), p.relative_to(local_dir).as_posix()])
-                )
-                self.upload_file(p, key)
-                keys.append(key)
-        return keys
+        base = prefix.strip("/")
+        jobs = [
+            (p, "/".join(filter(None, [base, p.relative_to(local_dir).as_posix()])), file_size(p))
+            for p in sorted(Path(local_dir).rglob("*"))
+            if p.is_file()
+        ]
+        where = "/".join(filter(None, [self.uri, base]))
+        with transfer_progress(f"copy to {where}", len(jobs), sum(n for *_, n in jobs)) as bar:
+            for path, key, size in jobs:
+                self.upload_file(path, key)
+                bar.file_done(size)
+        return [key for _, key, _ in jobs]
 
     def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
         """Copy everything under ``prefix`` into ``local_dir``."""
-        out = []
         base = prefix.strip("/")
+        jobs = []
         for key in self.list(base):
             rel = key[len(base) :].lstrip("/") if base else key
-            dest = Path(local_dir) / rel
-            self.download_file(key, dest)
-            out.append(dest)
-        return out
+            jobs.append((key, Path(local_dir) / rel, file_size(self._path(key))))
+        where = "/".join(filter(None, [self.uri, base]))
+        with transfer_progress(f"copy from {where}", len(jobs), sum(n for *_, n in jobs)) as bar:
+            for key, dest, size in jobs:
+                self.download_file(key, dest)
+                bar.file_done(size)
+        return [dest for _, dest, _ in jobs]
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
         """Remove a file, or a whole subtree when ``recursive``."""

@@ -27,6 +27,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from imgclf.contracts import READY_FILE
 from imgclf.errors import ConfigError, StorageError
 from imgclf.fsutil import sha256_file
 from imgclf.storage.base import is_published, publish_tree, run_parallel, split_uri
+from imgclf.storage.progress import file_size, transfer_progress
 from imgclf.storage.s3client import (
     NOT_FOUND,
     call_with_retries,
@@ -130,6 +132,10 @@ class S3Store:
         if any(p in (".", "..") for p in parts):
             raise StorageError(f"{self.uri}: key {key!r} leaves the store")
         return _join(self.prefix, *parts)
+
+    def _tree(self, prefix: str) -> str:
+        """``s3://bucket/prefix`` of a tree under this store, for progress bars."""
+        return f"s3://{_join(self.bucket, self.prefix, prefix)}"
 
     def _where(self, key: str | None) -> str:
         if key is None:
@@ -233,26 +239,28 @@ class S3Store:
 
     def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
         """Keys under ``prefix`` (sorted); non-recursive lists one level, dirs end with '/'."""
-        return sorted(key for key, _ in self._listing(prefix, recursive))
+        return sorted(key for key, _, _ in self._listing(prefix, recursive))
 
     def modified_times(self, prefix: str = "") -> dict[str, dt.datetime]:
         """Last-modified time (the server's clock, UTC) of every key under ``prefix``."""
         return {
             key: when
-            for key, when in self._listing(prefix, recursive=True)
+            for key, when, _ in self._listing(prefix, recursive=True)
             if isinstance(when, dt.datetime)
         }
 
-    def _listing(self, prefix: str, recursive: bool) -> list[tuple[str, dt.datetime | None]]:
-        """(store-relative key, last-modified) of the objects under ``prefix``, one LIST."""
+    def _listing(self, prefix: str, recursive: bool) -> list[tuple[str, dt.datetime | None, int]]:
+        """(store-relative key, last-modified, size) of the objects under ``prefix``, one LIST."""
         base = self._name(prefix)
         s3_prefix = base + "/" if base else ""
         cut = len(self.prefix) + 1 if self.prefix else 0
 
-        def objects() -> list[tuple[str, dt.datetime | None]]:
+        def objects() -> list[tuple[str, dt.datetime | None, int]]:
             try:
                 found = self.client.list_objects(self.bucket, prefix=s3_prefix, recursive=recursive)
-                return [(o.object_name, o.last_modified) for o in found if o.object_name]
+                return [
+                    (o.object_name, o.last_modified, o.size or 0) for o in found if o.object_name
+                ]
             except S3Error as exc:
                 if exc.code == "NoSuchBucket":
                     return []
@@ -260,8 +268,8 @@ class S3Store:
 
         # zero-byte "folder/" marker objects made by some tools are not files
         return [
-            (name[cut:], when)
-            for name, when in self._call("list", prefix, objects)
+            (name[cut:], when, size)
+            for name, when, size in self._call("list", prefix, objects)
             if name != s3_prefix and not (recursive and name.endswith("/"))
         ]
 
@@ -465,32 +473,38 @@ class S3Store:
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"{local_dir}: not a directory, cannot upload it to {self.uri}")
-        pairs = [
-            (p, _join(prefix, p.relative_to(local_dir).as_posix()))
+        jobs = [
+            (p, _join(prefix, p.relative_to(local_dir).as_posix()), file_size(p))
             for p in sorted(local_dir.rglob("*"))
             if p.is_file()
         ]
-        if pairs:
+        if jobs:
             self.require_bucket()
-        run_parallel(
-            self.settings.workers, [lambda p=p, k=k: self.upload_file(p, k) for p, k in pairs]
-        )
-        return [k for _, k in pairs]
+        total = sum(n for _, _, n in jobs)
+        with transfer_progress(f"upload {self._tree(prefix)}", len(jobs), total) as bar:
+            run_parallel(
+                self.settings.workers,
+                [bar.counting(partial(self.upload_file, p, k), n) for p, k, n in jobs],
+            )
+        return [k for _, k, _ in jobs]
 
     def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
         """Copy every object under ``prefix`` into ``local_dir`` with parallel downloads."""
         base = _join(prefix)
-        pairs = []
-        for key in self.list(base, recursive=True):
+        jobs = []
+        for key, _, size in sorted(self._listing(base, recursive=True), key=lambda e: e[0]):
             rel = key[len(base) :].lstrip("/") if base else key
             parts = rel.split("/")
             if any(p in ("", ".", "..") for p in parts):
                 raise StorageError(f"{self._where(key)}: key cannot be a local file name")
-            pairs.append((key, Path(local_dir).joinpath(*parts)))
-        run_parallel(
-            self.settings.workers, [lambda k=k, d=d: self.download_file(k, d) for k, d in pairs]
-        )
-        return [d for _, d in pairs]
+            jobs.append((key, Path(local_dir).joinpath(*parts), size))
+        total = sum(n for _, _, n in jobs)
+        with transfer_progress(f"download {self._tree(base)}", len(jobs), total) as bar:
+            run_parallel(
+                self.settings.workers,
+                [bar.counting(partial(self.download_file, k, d), n) for k, d, n in jobs],
+            )
+        return [d for _, d, _ in jobs]
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
         """Remove one object, or every object under a prefix when ``recursive``."""
