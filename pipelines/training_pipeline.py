@@ -160,6 +160,9 @@ def build_pipeline(
         num_workers: str = str(trn["num_workers"]),
         threads: int = trn["threads"],
         max_steps_per_epoch: int = trn["max_steps_per_epoch"],
+        checkpoint_root: str = trn["checkpoint_dir"],
+        checkpoint_every_steps: int = trn["checkpoint_every_steps"],
+        keep_checkpoints: int = trn["keep_checkpoints"],
         min_accuracy: float = ev["min_accuracy"],
         max_regression: float = ev["max_regression"],
         top_k: int = ev["top_k"],
@@ -217,6 +220,10 @@ def build_pipeline(
             num_workers: DataLoader worker processes, or auto (chosen from the machine).
             threads: CPU threads for torch (0: default).
             max_steps_per_epoch: Cap on batches per epoch (0: whole epoch).
+            checkpoint_root: Object-store prefix of train checkpoints; each run keeps its own
+                under its run id, so a retried (preempted) train task resumes ('' disables).
+            checkpoint_every_steps: Optimizer steps between checkpoints (0: epoch ends only).
+            keep_checkpoints: Newest checkpoints kept per run.
             min_accuracy: Lowest test accuracy that may be deployed.
             max_regression: Largest accuracy drop allowed against production.
             top_k: k of the reported top-k accuracy.
@@ -298,6 +305,11 @@ def build_pipeline(
                 num_workers=num_workers,
                 threads=threads,
                 max_steps_per_epoch=max_steps_per_epoch,
+                checkpoint_root=checkpoint_root,
+                checkpoint_every_steps=checkpoint_every_steps,
+                keep_checkpoints=keep_checkpoints,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                nproc_per_node=max(1, cluster.gpu_limit),
             )
             train_task.set_caching_options(enable_caching=False)
             use_gpu(train_task, cluster)

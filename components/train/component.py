@@ -31,8 +31,17 @@ def train(
     num_workers: str,
     threads: int,
     max_steps_per_epoch: int,
+    checkpoint_root: str,
+    checkpoint_every_steps: int,
+    keep_checkpoints: int,
+    run_id: str,
+    nproc_per_node: int,
 ):
     """Run ``imgclf.steps.train`` and publish the model dir as a Model artifact.
+
+    Checkpoints go to ``checkpoint_root/run_id``: a KFP retry of the same run (a preempted
+    GPU node) resumes from the last one instead of starting over. With ``nproc_per_node``
+    > 1 (the pod's GPUs) the step runs as that many DistributedDataParallel processes.
 
     Args:
         dataset: Validated dataset dir written by the ingest component.
@@ -61,12 +70,19 @@ def train(
         num_workers: DataLoader worker processes, or ``auto`` (chosen from the machine).
         threads: CPU threads for torch (0: torch's default).
         max_steps_per_epoch: Cap on batches per epoch (0: whole epoch); for smoke runs.
+        checkpoint_root: Object-store prefix (or local dir) of checkpoints, one folder per
+            run; empty turns checkpoints off.
+        checkpoint_every_steps: Optimizer steps between checkpoints (0: epoch ends only).
+        keep_checkpoints: Newest checkpoints kept per run.
+        run_id: The KFP run's id (the pipeline passes its placeholder): retries share it.
+        nproc_per_node: Training processes in this pod, one per GPU (1: no DDP).
     """
     from pathlib import Path
 
     from imgclf import config
-    from imgclf.kfp.components import log_scalar_metrics
+    from imgclf.kfp.components import checkpoint_location, log_scalar_metrics
     from imgclf.steps import train as step
+    from imgclf.steps import train_launch
 
     cfg = config.build(
         config.TrainConfig,
@@ -91,10 +107,19 @@ def train(
             "num_workers": num_workers,
             "threads": threads,
             "max_steps_per_epoch": max_steps_per_epoch,
+            "checkpoint_dir": checkpoint_location(checkpoint_root, run_id),
+            "checkpoint_every_steps": checkpoint_every_steps,
+            "keep_checkpoints": keep_checkpoints,
         },
         "component:train",
     )
-    summary = step.run(cfg, dataset_dir=Path(dataset.path), out_dir=Path(trained_model.path))
+    dataset_dir, out_dir = Path(dataset.path), Path(trained_model.path)
+    if nproc_per_node > 1:
+        summary = train_launch.launch(
+            cfg, dataset_dir=dataset_dir, out_dir=out_dir, nproc=nproc_per_node
+        )
+    else:
+        summary = step.run(cfg, dataset_dir=dataset_dir, out_dir=out_dir)
     trained_model.metadata.update(
         {
             "framework": "pytorch",

@@ -192,6 +192,9 @@ class TrainConfig:
     pin_memory: bool | str = "auto"
     threads: int = 0
     max_steps_per_epoch: int = 0
+    # torch.compile the training forward/backward: off until measured on the target GPU
+    # (benchmarks/gpu_check.sh prints the gain); the first steps pay the compilation.
+    compile: bool = False
     # Preemption-safe training (imgclf.training.checkpoint): a dir that outlives a retried
     # step, never inside the model dir ("" turns checkpoints off); every N optimizer steps
     # (0: at epoch ends only; >= 0 and keep >= 1 are checked by the train step).

@@ -83,8 +83,11 @@ QUALIFIED = {
     "registry_alias": (config.RegistryConfig, "alias"),
     "serving_image": (config.DeployConfig, "image"),
     "apply_inference_service": (config.DeployConfig, "apply"),
+    "checkpoint_root": (config.TrainConfig, "checkpoint_dir"),
 }
-NOT_CONFIG = {"force"}  # a per-run decision, not a setting of any section
+# A per-run decision, the run's identity, and the pod's GPU count (a compile-time literal):
+# not settings of any section.
+NOT_CONFIG = {"force", "run_id", "nproc_per_node"}
 
 
 def _component(step: str) -> Any:

@@ -130,6 +130,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         num_workers="0",
         threads=1,
         max_steps_per_epoch=3,
+        checkpoint_root=str(root / "checkpoints"),
+        checkpoint_every_steps=2,
+        keep_checkpoints=2,
+        run_id="run-1",
+        nproc_per_node=1,
     )
     registry = str(root / "registry")
     evaluation = _artifact(dsl.Artifact, root, "evaluate", "evaluation")
@@ -221,6 +226,18 @@ def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
     assert chain.train_metrics.metadata["epochs_run"] == 2
     chosen = _json(model_dir / "model.json")["training"]
     assert chosen["lr_source"] == "auto" and chain.train_metrics.metadata["lr"] == chosen["lr"]
+    # checkpoints were written under checkpoint_root/run_id, and removed once the model was
+    assert not any((chain.root / "checkpoints").glob("run-1/*.pt"))
+
+
+def test_train_refuses_checkpoints_without_a_run_id() -> None:
+    from imgclf.kfp.components import checkpoint_location
+
+    assert checkpoint_location("s3://b/ckpt/", "abc-123") == "s3://b/ckpt/abc-123"
+    assert checkpoint_location("", "") == ""
+    for bad in ("", "{{$.pipeline_job_uuid}}", "../x", "a/b"):
+        with pytest.raises(ConfigError, match="run_id"):
+            checkpoint_location("s3://b/ckpt", bad)
 
 
 def test_evaluate_returns_the_gate_and_logs_metrics(chain: Chain) -> None:

@@ -192,7 +192,8 @@ def test_every_task_input_has_its_run_parameter_name(compiled: Compiled) -> None
     """A value keeps one name from the KFP UI to the component (``model`` is ``model``).
 
     Inside a condition group KFP renames a pipeline input to ``pipelinechannel--<name>``;
-    outputs of other tasks (``dataset``, ``should_retrain``) are not run parameters.
+    outputs of other tasks (``dataset``, ``should_retrain``) are not run parameters, and
+    neither are the constants the pipeline sets: the run id placeholder and the GPU count.
     """
     run_parameters = set(compiled.parameters())
     fed = set()
@@ -200,10 +201,23 @@ def test_every_task_input_has_its_run_parameter_name(compiled: Compiled) -> None
         if task.startswith("condition-"):
             continue
         for name, source in spec["inputs"].get("parameters", {}).items():
+            if "runtimeValue" in source:
+                continue
             pipeline_input = source["componentInputParameter"].removeprefix("pipelinechannel--")
             assert pipeline_input == name, f"{task}.{name} is fed by {pipeline_input}"
             fed.add(name)
     assert fed == run_parameters, "a run parameter feeds no task, or a task input none"
+
+
+def test_train_task_checkpoints_under_the_run_id_with_one_process_per_gpu(
+    compiled: Compiled,
+) -> None:
+    """A retried train task finds its checkpoints by the run id; DDP spans the pod's GPUs."""
+    inputs = compiled.tasks()["train"]["inputs"]["parameters"]
+    assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert inputs["nproc_per_node"]["runtimeValue"]["constant"] == ClusterSettings().gpu_limit
+    default = compiled.parameters()["checkpoint_root"]["defaultValue"]
+    assert default == ClusterSettings().checkpoint_root
 
 
 def test_train_task_asks_for_a_gpu_node(compiled: Compiled) -> None:

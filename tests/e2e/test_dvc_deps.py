@@ -61,12 +61,18 @@ def imported_modules(path: Path, name: str) -> set[str]:
 
 def stage_closure(step: str) -> set[Path]:
     """Source files the ``imgclf <step>`` command can execute."""
-    other_steps = {f"imgclf.steps.{s}" for s in STAGES if s != step}
+    others = [s for s in STAGES if s != step]
+
+    def other_step(name: str) -> bool:
+        # imgclf.steps.<s> and its helpers imgclf.steps.<s>_* (train_launch) are <s>'s code
+        module = name.removeprefix("imgclf.steps.")
+        return module != name and any(module == s or module.startswith(f"{s}_") for s in others)
+
     todo = [*CLI_ROOTS, *SUBPROCESS_ROOTS.get(step, ()), f"imgclf.steps.{step}"]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        if name in seen or name in other_steps:
+        if name in seen or other_step(name):
             continue
         seen.add(name)
         path = module_file(name)

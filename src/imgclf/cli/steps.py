@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from imgclf import config
 from imgclf.cli import add_params_flag
+from imgclf.cli.helptext import add_command
 from imgclf.cli.registry import registry_settings
 from imgclf.errors import ConfigError
 from imgclf.storage.staging import local_input, local_output
@@ -97,11 +98,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from imgclf.steps import train
+    from imgclf.steps import train, train_launch
 
+    train_launch.check_nproc(args.nproc)
     cfg = _load(config.TrainConfig, "train", args, checkpoint_dir=args.checkpoint_dir)
-    with local_input(args.dataset) as ds, local_output(args.out) as out:
-        meta = train.run(cfg, dataset_dir=ds, out_dir=out)
+    if args.nproc > 1:
+        with local_input(args.dataset) as ds, local_output(args.out) as out:
+            meta = train_launch.launch(cfg, dataset_dir=ds, out_dir=out, nproc=args.nproc)
+    else:
+        with local_input(args.dataset) as ds, local_output(args.out) as out:
+            meta = train.run(cfg, dataset_dir=ds, out_dir=out)
     _print_summary(meta, ("architecture", "metrics"))
     return 0
 
@@ -177,11 +183,13 @@ def _add(
     sub: argparse._SubParsersAction,
     name: str,
     func: Callable[[argparse.Namespace], int],
-    help_text: str,
+    summary: str,
     *paths: tuple[str, str, str | None],
+    examples: Sequence[tuple[str, str]],
+    description: str | None = None,
     registry: bool = False,
 ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
+    p = add_command(sub, name, summary, examples, description=description)
     for flag, helptext, default in paths:
         p.add_argument(
             flag,
@@ -205,79 +213,166 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "ingest",
         _ingest,
-        "Copy, normalise and split the raw images into a dataset dir with manifest.csv.",
+        "Copy, normalise and split raw images into a dataset dir.",
         ("--out", "dataset dir to write", "out/dataset"),
+        description="Copy, normalise and split the raw images of ingest.source into a dataset "
+        "dir: train/, val/ and test/ ImageFolder trees and a manifest.csv with every image's "
+        "split, label and sha256.",
+        examples=[
+            ("the DVC stage: data/ (ingest.source) into out/dataset", "imgclf ingest"),
+            (
+                "from S3 to S3 (bucket is a placeholder for yours)",
+                "imgclf ingest --source s3://bucket/raw/digits --out s3://bucket/runs/r1/dataset",
+            ),
+        ],
     )
     p.add_argument("--source", help="override ingest.source (sample:digits, dir, archive, s3://)")
     _add(
         sub,
         "validate",
         _validate,
-        "Run the Great Expectations suite on the dataset; fail on a blocking expectation.",
+        "Check the dataset with Great Expectations; fail on a blocking problem.",
         ds,
         ("--out", "validation dir (report.json, data_docs/)", "out/validation"),
+        description="Run the Great Expectations suite (image sizes and modes, images per class "
+        "and split, duplicates, class balance) on the dataset; fail on a blocking expectation.",
+        examples=[
+            (
+                "the DVC stage",
+                "imgclf validate --dataset out/dataset --out out/validation",
+            ),
+            (
+                "allow more class imbalance this once",
+                "imgclf validate --set max_imbalance_ratio=20",
+            ),
+        ],
     )
     p = _add(
         sub,
         "train",
         _train,
-        "Train (or fine-tune) a classifier; writes weights, a serving export and model.json. "
-        "Resumes from the newest checkpoint of the same run; on SIGTERM it checkpoints after "
-        "the current batch and exits with code 75 (run it again to resume).",
+        "Train or fine-tune a classifier into a model dir.",
         ds,
         ("--out", "model dir to write", "out/model"),
+        description="Train (or fine-tune) a classifier; writes weights, a serving export and "
+        "model.json. Resumes from the newest checkpoint of the same run; on SIGTERM it "
+        "checkpoints after the current batch and exits with code 75 (run it again to resume).",
+        examples=[
+            (
+                "a quick run: two epochs of the small CNN, out/dataset into out/model",
+                "imgclf train --set epochs=2 --set model=simple_cnn",
+            ),
+            (
+                "dataset and model on S3 (bucket is a placeholder for yours)",
+                "imgclf train --dataset s3://bucket/runs/r1/dataset --out s3://bucket/runs/r1/model",
+            ),
+        ],
     )
     p.add_argument(
         "--checkpoint-dir",
         help="override train.checkpoint_dir: a local dir that outlives a retry ('' disables)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N DistributedDataParallel processes on this machine (torchrun's "
+        "launcher; one per GPU, or gloo on CPU); train.batch_size is per process (default: 1)",
+    )
     _add(
         sub,
         "lr-find",
         _lr_find,
-        "Learning-rate range test: plots loss against LR and suggests a learning rate.",
+        "Plot loss against learning rate and suggest one.",
         ds,
         ("--out", "dir for lr_find.png and lr_find.csv", "out/lr_find"),
+        description="Learning-rate range test on the training split: plots loss against LR "
+        "and suggests a learning rate (what train.lr: auto does on its own).",
+        examples=[
+            (
+                "writes out/lr_find/lr_find.png",
+                "imgclf lr-find --dataset out/dataset --out out/lr_find",
+            ),
+            ("the same for the small CNN", "imgclf lr-find --set model=simple_cnn"),
+        ],
     )
     _add(
         sub,
         "evaluate",
         _evaluate,
-        "Score the model on the test split and decide if it may replace production.",
+        "Score the model on the test split; decide if it may replace production.",
         ds,
         model,
         ("--out", "evaluation dir (metrics.json, confusion.csv, model card)", "out/eval"),
+        description="Score the model on the test split and decide if it may replace "
+        "production: its accuracy must reach evaluate.min_accuracy and lose at most "
+        "evaluate.max_regression against the version the registry alias points to.",
+        examples=[
+            (
+                "the DVC stage",
+                "imgclf evaluate --dataset out/dataset --model out/model --out out/eval",
+            ),
+            (
+                "compare with production in an S3 registry (bucket is a placeholder)",
+                "imgclf evaluate --registry s3://bucket/registry",
+            ),
+        ],
         registry=True,
     )
     _add(
         sub,
         "deploy",
         _deploy,
-        "Smoke-test a model that passed evaluation on the real server, publish it to the "
-        "registry, move the production alias (or start a canary), render its KServe "
-        "InferenceService and, in a cluster, apply it and wait for Ready.",
+        "Smoke-test, publish and promote a model that passed evaluation.",
         model,
         ("--dataset", "dataset dir whose test images the smoke test sends", "out/dataset"),
         ("--eval", "evaluation dir written by evaluate", "out/eval"),
         ("--out", "deploy dir (deploy.json, inferenceservice.yaml)", "out/deploy"),
+        description="Smoke-test a model that passed evaluation on the real server, publish it "
+        "to the registry, move the production alias (or start a canary), render its KServe "
+        "InferenceService and, in a cluster, apply it and wait for Ready.",
+        examples=[
+            (
+                "the DVC stage",
+                "imgclf deploy --model out/model --eval out/eval --out out/deploy",
+            ),
+            ("start a 10% canary instead of promoting", "imgclf deploy --set canary_percent=10"),
+        ],
         registry=True,
     )
 
-    data = sub.add_parser("data", help="Create or restore the DVC-versioned raw data/ folder.")
+    data = add_command(
+        sub,
+        "data",
+        "Create or restore the DVC-versioned raw data/ folder.",
+        [("what `make demo` runs first", "imgclf data ensure")],
+    )
     dsub = data.add_subparsers(dest="data_command", metavar="<data command>", required=True)
-    sample = dsub.add_parser(
-        "sample", help="Write a source (default sample:digits) as raw ImageFolder images."
+    sample = add_command(
+        dsub,
+        "sample",
+        "Write a source (default sample:digits) as raw ImageFolder images.",
+        [
+            (
+                "the digits sample at 64 px into data/",
+                "imgclf data sample --source sample:digits --out data --image-size 64",
+            )
+        ],
     )
     sample.add_argument("--source", default="sample:digits", help="default: %(default)s")
     sample.add_argument("--out", default="data", help="default: %(default)s")
     sample.add_argument("--image-size", type=_image_size, default=32, help="default: %(default)s")
     sample.set_defaults(func=_data_sample)
-    ensure = dsub.add_parser(
+    ensure = add_command(
+        dsub,
         "ensure",
-        help="Make data/ match data.dvc: keep it if present (a changed one is reported, never "
-        "overwritten), else restore it from the DVC cache, else `dvc pull` (when the remote "
-        "has credentials and answers), else rebuild the embedded sample and prove it matches "
-        "data.dvc.",
+        "Make data/ match data.dvc: keep, restore, pull or rebuild it.",
+        [("data/ as data.dvc pins it", "imgclf data ensure --dvc-file data.dvc")],
+        description="Make data/ match data.dvc: keep it if present (a changed one is reported, "
+        "never overwritten), else restore it from the DVC cache, else `dvc pull` (when the "
+        "remote has credentials and answers), else rebuild the embedded sample and prove it "
+        "matches data.dvc.",
     )
     ensure.add_argument("--dvc-file", default="data.dvc", help="default: %(default)s")
     ensure.add_argument("--sample", default="sample:digits", help="default: %(default)s")

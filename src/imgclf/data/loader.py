@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imgclf.config import AUTO
 from imgclf.contracts import MANIFEST_FILE, SPLITS, read_dataset_info, read_manifest
@@ -196,6 +196,7 @@ def make_loader(
     prefetch_factor: int | str = AUTO,
     persistent_workers: bool | str = AUTO,
     device_type: str | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader:
     """A DataLoader whose shuffle order depends only on ``seed`` (reproducible runs).
 
@@ -204,6 +205,9 @@ def make_loader(
     :func:`resolve_loader_settings` for the rule; ``device_type`` is the training device's
     type, for ``pin_memory: auto``). The defaults load in the calling process, as
     evaluation does.
+
+    A ``sampler`` (a rank's shard in distributed training) replaces ``shuffle``: the sampler
+    then owns the order, and the generator still seeds the workers.
     """
     settings = resolve_loader_settings(
         num_workers=num_workers,
@@ -217,7 +221,8 @@ def make_loader(
     return _Loader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         generator=generator,
         drop_last=drop_last,
         **dataclasses.asdict(settings),

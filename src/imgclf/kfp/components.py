@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgclf import config
+from imgclf.errors import ConfigError
 
 if TYPE_CHECKING:
     from kfp import dsl
@@ -29,6 +30,25 @@ def log_scalar_metrics(metrics: dsl.Metrics, values: Mapping[str, Any]) -> None:
     for key, value in sorted(values.items()):
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+
+
+def checkpoint_location(checkpoint_root: str, run_id: str) -> str:
+    """This run's checkpoint folder: ``checkpoint_root/run_id``, or "" (off) without a root.
+
+    The KFP run id is what a retried task has in common with its first attempt (the task's
+    own id changes), so it is what lets the retry find the checkpoints.
+    """
+    root = checkpoint_root.strip().rstrip("/")
+    if not root:
+        return ""
+    run = run_id.strip()
+    if not run or "/" in run or run in (".", "..") or run.startswith("{{"):
+        raise ConfigError(
+            f"component:train run_id={run_id!r}: not a KFP run id (the pipeline passes "
+            "dsl.PIPELINE_JOB_ID_PLACEHOLDER; set checkpoint_root to '' to train without "
+            "checkpoints)"
+        )
+    return f"{root}/{run}"
 
 
 def registry_config(

@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 DEFAULT_LOCAL_ROOT = Path("out/kfp_root")
 LOCAL_SOURCE = "sample:digits"
 DEFAULT_LOCAL_REGISTRY = Path("out/kfp_registry")
+DEFAULT_LOCAL_CHECKPOINTS = Path("out/kfp_checkpoints")
 # Run parameters that may name a file or folder on this machine: kfp.local runs each task in
 # a subprocess, so a relative path must not depend on where the task happens to start.
 LOCAL_PATH_PARAMS: dict[str, frozenset[str]] = {
     "source": frozenset(),
     "registry_uri": frozenset(),
+    "checkpoint_root": frozenset({""}),
     "pretrained": frozenset({"none", "imagenet"}),
 }
 TRAINING_TASKS = ("ingest", "validate", "check-retrain", "train", "evaluate", "deploy")
@@ -386,14 +388,19 @@ def run_local_training(
 
     The compiled defaults address a cluster (``registry_uri`` on S3); here, unless
     ``param_pairs`` say otherwise, the source is ``sample:digits`` and the registry is the
-    folder ``registry`` (default ``out/kfp_registry``), so no object store is needed. Local
-    paths among the parameters are made absolute.
+    folder ``registry`` (default ``out/kfp_registry``) and train checkpoints go under
+    ``out/kfp_checkpoints/<run id>``, so no object store is needed. Local paths among the
+    parameters are made absolute.
     """
     result = run_local(
         pipeline,
         param_pairs,
         pipeline_root=pipeline_root,
-        defaults={"source": LOCAL_SOURCE, "registry_uri": str(Path(registry).resolve())},
+        defaults={
+            "source": LOCAL_SOURCE,
+            "registry_uri": str(Path(registry).resolve()),
+            "checkpoint_root": str(DEFAULT_LOCAL_CHECKPOINTS.resolve()),
+        },
         local_paths=LOCAL_PATH_PARAMS,
         on_task=on_task,
         echo=echo,

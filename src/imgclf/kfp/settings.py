@@ -15,7 +15,9 @@ The pipeline has two kinds of settings:
 Locations are the exception to "defaults from params.yaml": ``ingest.source`` and
 ``registry.uri`` in params.yaml address the developer's disk (the DVC-tracked ``data`` folder,
 a local ``registry`` dir), which a pod cannot see, so the pipeline's defaults for them come
-from ``kfp.source`` and ``kfp.registry_uri`` instead.
+from ``kfp.source`` and ``kfp.registry_uri`` instead; likewise ``train.checkpoint_dir`` (a local
+``out/checkpoints``) becomes ``kfp.checkpoint_root``, an object-store prefix under which each
+run's train task keeps its checkpoints in a folder named by the run id.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class ClusterSettings:
 
     source: str = "sample:digits"
     registry_uri: str = "s3://imgclf-models/registry"
+    # Train checkpoints, one folder per KFP run (so a retried train task resumes); "": off.
+    checkpoint_root: str = "s3://imgclf-models/checkpoints"
     minio_secret: str = "imgclf-minio"
     minio_access_key_key: str = "AWS_ACCESS_KEY_ID"
     minio_secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
@@ -133,4 +137,5 @@ def run_defaults(
     }
     out["ingest"]["source"] = cluster.source
     out["registry"]["uri"] = cluster.registry_uri
+    out["train"]["checkpoint_dir"] = cluster.checkpoint_root
     return out

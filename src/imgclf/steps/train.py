@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from imgclf import config as config_mod
 from imgclf.config import TrainConfig
@@ -45,7 +46,7 @@ from imgclf.contracts import (
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.errors import DataError, Preempted
 from imgclf.fsutil import atomic_dir, write_json, write_text
-from imgclf.training import checkpoint, engine, lr_finder, recipe
+from imgclf.training import checkpoint, distributed, engine, lr_finder, recipe
 from imgclf.training.export import export_program
 from imgclf.training.models import (
     check_model_name,
@@ -103,6 +104,7 @@ def _normalization(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[float], li
 def _datasets(
     cfg: TrainConfig, dataset_dir: Path, mean: list[float], std: list[float]
 ) -> tuple[ManifestDataset, ManifestDataset]:
+    """The train split with augmentation and the val split with the eval transform."""
     size = cfg.image_size
     train_tf = ClassificationPresetTrain(size=size, mean=mean, std=std, augment=cfg.augment)
     eval_tf = ClassificationPresetEval(size=size, mean=mean, std=std)
@@ -115,13 +117,20 @@ def _datasets(
 
 
 class _Setup:
-    """Everything a training or LR-finder run shares: device, data, model, rates."""
+    """Everything a training or LR-finder run shares: device, data, model, rates.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it is one rank's share: the device of its
+    ``LOCAL_RANK``, a DistributedSampler shard of the training split (reshuffled per epoch
+    by :meth:`start_epoch`), a shard of the validation split, and ``train_model``, the model
+    wrapped in DistributedDataParallel.
+    """
 
     def __init__(self, cfg: TrainConfig, dataset_dir: Path) -> None:
         _check_names(cfg)
         self.cfg = cfg
+        self.ctx = distributed.from_env()
         engine.set_threads(cfg.threads)
-        self.device = engine.select_device(cfg.device)
+        self.device = distributed.init(self.ctx, engine.select_device(cfg.device))
         engine.seed_everything(cfg.seed, self.device)
         self.info = read_dataset_info(dataset_dir)
         self.classes: list[str] = list(self.info["classes"])
@@ -135,24 +144,66 @@ class _Setup:
             "pin_memory": cfg.pin_memory,
             "device_type": self.device.type,
         }
+        ctx = self.ctx
+        self.train_sampler: DistributedSampler[int] | None = None
+        val_sampler = None
+        if ctx.enabled:
+            self.train_sampler = DistributedSampler(
+                train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
+            )
+            val_sampler = distributed.ShardSampler(val_ds, ctx.rank, ctx.world_size)
+        shard = len(train_ds) // ctx.world_size
         # BatchNorm cannot train on a last batch of one image, so drop the ragged tail.
         self.train_loader = make_loader(
             train_ds,
             batch_size=cfg.batch_size,
             shuffle=True,
             seed=cfg.seed,
-            drop_last=len(train_ds) > cfg.batch_size,
+            drop_last=shard > cfg.batch_size,
+            sampler=self.train_sampler,
             **loading,
         )
-        self.val_loader = make_loader(val_ds, batch_size=cfg.batch_size, shuffle=False, **loading)
+        self.val_loader = make_loader(
+            val_ds, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler, **loading
+        )
         model = create_model(cfg.model, len(self.classes), pretrained=cfg.pretrained)
         if cfg.freeze_backbone:
             freeze_backbone(model)
         self.model = engine.prepare_model(model, self.device)
+        if ctx.enabled:  # same init everywhere (seeded above), different augmentation per rank
+            engine.seed_everything(cfg.seed + ctx.rank, self.device)
+        self.train_model = self._wrap()
         self.amp_dtype, self.scaler = engine.amp_settings(self.device)
         # Head-only warm-up epochs: only a loaded backbone has features worth protecting.
         pretrained = recipe.is_pretrained(cfg.pretrained)
         self.freeze_epochs = cfg.freeze_epochs if pretrained and not cfg.freeze_backbone else 0
+
+    def _wrap(self) -> nn.Module:
+        """The model as the training loop calls it: DDP-wrapped in a distributed job, and
+        compiled with ``train.compile``.
+
+        DDP fixes the set of parameters it synchronises when it is built, so it is built
+        again whenever :meth:`set_backbone_trainable` changes that set; its construction
+        also broadcasts rank 0's weights, which are every rank's already.
+        """
+        model = self.model
+        if self.ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:  # around DDP, so that its communication hooks are traced too
+            model = torch.compile(model)  # type: ignore[assignment]
+        return model
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the backbone (head-only warm-up epochs)."""
+        set_backbone_trainable(self.model, trainable)
+        self.train_model = self._wrap()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Reshuffle the rank shards for ``epoch`` (DistributedSampler's order is a function
+        of its seed and epoch, so a resumed epoch sees the same shards)."""
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
 
     def find_lr(
         self, *, start_lr: float, end_lr: float, num_steps: int, smoothing: float = 0.98
@@ -285,7 +336,7 @@ class _Training:
                 cfg.min_steps,
             )
         if setup.freeze_epochs and not self.done and self.epoch <= setup.freeze_epochs:
-            set_backbone_trainable(setup.model, False)
+            setup.set_backbone_trainable(False)
             log.info("training the head only for the first %d epoch(s)", setup.freeze_epochs)
         guard = checkpoint.stop_on_sigterm() if self.store else contextlib.nullcontext()
         with guard as stop:
@@ -297,12 +348,13 @@ class _Training:
     def _epoch(self, epoch: int) -> None:
         setup = self.setup
         if setup.freeze_epochs and epoch == setup.freeze_epochs + 1 and self.progress is None:
-            set_backbone_trainable(setup.model, True)
+            setup.set_backbone_trainable(True)
             log.info("epoch %d: backbone unfrozen (differential learning rates)", epoch)
+        setup.start_epoch(epoch)
         generator = self._generator
         self.data_order = generator.get_state() if generator is not None else None
         train_m = engine.train_one_epoch(
-            setup.model,
+            setup.train_model,
             setup.train_loader,
             self.optimizer,
             self.scheduler,
@@ -340,20 +392,43 @@ class _Training:
         self.epoch, self.done = epoch + 1, stalled or epoch >= self.epochs
         if self.store is not None:
             path = self._save(None)
-            if self.stop.requested and not self.done:
-                raise Preempted(_preempted_message(path))
+            if self._stop_requested() and not self.done:
+                raise Preempted(_preempted_message(self.store.where(path)))
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM on any rank stops every rank at the same batch (a collective when
+        distributed, so every rank calls this at every step)."""
+        return distributed.any_rank(self.stop.requested)
 
     def _after_step(self, progress: engine.EpochProgress) -> None:
         self.global_step += 1
-        if self.stop.requested:
+        if self._stop_requested():
+            assert self.store is not None
             path = self._save(progress)
-            raise Preempted(_preempted_message(path))
+            raise Preempted(_preempted_message(self.store.where(path)))
         every = self.cfg.checkpoint_every_steps
         # The last step of an epoch is left to the epoch-end checkpoint that follows.
         if every > 0 and self.global_step % every == 0 and progress.step < self.steps_per_epoch:
             self._save(progress)
 
     def _save(self, progress: engine.EpochProgress | None) -> Path:
+        """Write a checkpoint (rank 0; every rank takes part, handing over its own RNG
+        states, data order and partial sums) and return its path once it is complete."""
+        assert self.store is not None
+        mine = {
+            "progress": _progress_state(progress),
+            "rng": engine.rng_states(),
+            # mid-epoch: the epoch's start, whose batches are drawn again and dropped on resume
+            "data_order": self.data_order if progress else self._generator_state(),
+        }
+        ranks = distributed.gather(mine)
+        path = self.store.path_for(self.global_step, epoch_end=progress is None)
+        if ranks is not None:
+            path = self._write(progress, ranks)
+        distributed.barrier()  # no rank exits (Preempted) before the file is complete
+        return path
+
+    def _write(self, progress: engine.EpochProgress | None, ranks: list[dict[str, Any]]) -> Path:
         assert self.store is not None
         scaler = self.setup.scaler
         state = {
@@ -367,10 +442,7 @@ class _Training:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "tracker": checkpoint.tracker_state(self.tracker),
             "history": self.history,
-            "progress": dataclasses.asdict(progress) if progress else None,
-            "rng": engine.rng_states(),
-            # mid-epoch: the epoch's start, whose batches are drawn again and dropped on resume
-            "data_order": self.data_order if progress else self._generator_state(),
+            "ranks": ranks,
             "extra": self.extra,
         }
         return self.store.save(state, global_step=self.global_step, epoch_end=progress is None)
@@ -395,8 +467,9 @@ class _Training:
             state["global_step"],
             state["done"],
         )
-        if state["progress"] is not None:
-            saved = state["progress"]
+        mine = state["ranks"][setup.ctx.rank]
+        if mine["progress"] is not None:
+            saved = mine["progress"]
             self.progress = engine.EpochProgress(
                 loss_sum=saved["loss_sum"].to(setup.device),
                 correct=saved["correct"].to(setup.device),
@@ -404,15 +477,31 @@ class _Training:
                 images=saved["images"],
             )
         generator = self._generator
-        if generator is not None and state["data_order"] is not None:
-            generator.set_state(state["data_order"])
-        engine.set_rng_states(state["rng"])
+        if generator is not None and mine["data_order"] is not None:
+            generator.set_state(mine["data_order"])
+        engine.set_rng_states(mine["rng"])
         log.info(
-            "resuming from epoch %d step %d (checkpoint %s)", self.epoch, state["step"], loaded.path
+            "resuming from epoch %d step %d (checkpoint %s)",
+            self.epoch,
+            state["step"],
+            self.store.where(loaded.path) if self.store else loaded.path,
         )
 
 
-def _preempted_message(path: Path) -> str:
+def _progress_state(progress: engine.EpochProgress | None) -> dict[str, Any] | None:
+    """An epoch's progress as checkpoint content, its sums on the CPU (they travel between
+    ranks, and a checkpoint must load on a machine without this GPU)."""
+    if progress is None:
+        return None
+    return {
+        "loss_sum": progress.loss_sum.detach().cpu(),
+        "correct": progress.correct.detach().cpu(),
+        "step": progress.step,
+        "images": progress.images,
+    }
+
+
+def _preempted_message(path: str) -> str:
     return (
         f"preempted (SIGTERM): stopped after the current batch; checkpoint {path} written, "
         "run the same command again to resume"
@@ -423,8 +512,10 @@ def _checkpoints(cfg: TrainConfig, setup: _Setup) -> checkpoint.CheckpointStore 
     """This run's checkpoint store, or None when ``train.checkpoint_dir`` is empty (off)."""
     if not cfg.checkpoint_dir:
         return None
-    key = checkpoint.run_key(str(setup.info.get("hash", "")), config_mod.to_dict(cfg))
-    return checkpoint.CheckpointStore(Path(cfg.checkpoint_dir), key, keep=cfg.keep_checkpoints)
+    key = checkpoint.run_key(
+        str(setup.info.get("hash", "")), config_mod.to_dict(cfg), world_size=setup.ctx.world_size
+    )
+    return checkpoint.CheckpointStore.open(cfg.checkpoint_dir, key, keep=cfg.keep_checkpoints)
 
 
 def _choose_rates(
@@ -459,8 +550,19 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
     With ``train.checkpoint_dir`` set, the run resumes from its newest valid checkpoint
     there, and removes its checkpoints once the model dir is written. Returns the
     ``model.json`` content; raises :class:`Preempted` on SIGTERM during training.
+
+    Started by torchrun (see :mod:`imgclf.steps.train_launch`), it is one rank of a
+    DistributedDataParallel job: every rank trains on its shard, and rank 0 alone chooses
+    the learning rate, writes checkpoints and writes ``out_dir``.
     """
-    setup = _Setup(cfg, Path(dataset_dir))
+    try:
+        return _run(cfg, Path(dataset_dir), Path(out_dir))
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: TrainConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    setup = _Setup(cfg, dataset_dir)
     log.info(
         "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
         "mean %s std %s",
@@ -480,7 +582,9 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
         saved_sweep = loaded.state["extra"]["sweep"]
         sweep = lr_finder.LrFindResult(**saved_sweep) if saved_sweep else None
     else:
-        rates, sweep = _choose_rates(cfg, setup)
+        # one LR range test (rank 0's), so that every rank trains at the same rates
+        chosen = _choose_rates(cfg, setup) if setup.ctx.is_main else None
+        rates, sweep = distributed.broadcast(chosen)
     extra = {"rates": rates, "sweep": dataclasses.asdict(sweep) if sweep else None}
     optimizer = setup.optimizer(rates["lr"], rates["backbone_lr"])
     training = _Training(cfg, setup, optimizer, store, extra)
@@ -495,9 +599,11 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
     meta = _model_json(
         cfg, setup, tracker.best, rates, epochs_run=len(training.history), planned=training.epochs
     )
-    _write_model_dir(Path(out_dir), model, meta, cfg, training.history, sweep)
-    if store is not None:
-        store.remove_all()
+    if setup.ctx.is_main:
+        _write_model_dir(out_dir, model, meta, cfg, training.history, sweep)
+        if store is not None:
+            store.remove_all()
+    distributed.barrier()
     return meta
 
 
@@ -535,6 +641,7 @@ def _model_json(
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "trained_on": str(setup.device),
+        "world_size": setup.ctx.world_size,
         "files": {"weights": WEIGHTS_FILE, "export": EXPORT_FILE},
     }
 

@@ -32,7 +32,9 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,13 +42,14 @@ from typing import Any
 
 import torch
 
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, ImgclfError
 from imgclf.fsutil import read_json, sha256_file, write_json
+from imgclf.storage import Store, is_remote, open_store
 from imgclf.training.recipe import EarlyStopping
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: per-rank RNG states, data order and partial sums under "ranks"
 CHECKPOINT_SUFFIX = ".pt"
 SIDECAR_SUFFIX = ".json"
 # Settings that say where and how often to checkpoint, not what is trained.
@@ -62,10 +65,17 @@ def check_settings(every_steps: int, keep: int) -> None:
         raise ConfigError(f"train.keep_checkpoints={keep}: must be >= 1")
 
 
-def run_key(dataset_hash: str, params: Mapping[str, Any]) -> str:
-    """The identity of a run: same dataset and same train settings, same key."""
+def run_key(dataset_hash: str, params: Mapping[str, Any], *, world_size: int = 1) -> str:
+    """The identity of a run: same dataset, train settings and process count, same key.
+
+    The process count belongs to it because it decides each rank's shard of every epoch: a
+    checkpoint of a 2-process run cannot continue as a 4-process one.
+    """
     settings = {k: v for k, v in params.items() if k not in NOT_IN_RUN_KEY}
-    text = json.dumps({"dataset": dataset_hash, "train": settings}, sort_keys=True, default=str)
+    identity: dict[str, Any] = {"dataset": dataset_hash, "train": settings}
+    if world_size > 1:  # one process keeps the keys it always had
+        identity["world_size"] = world_size
+    text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -78,18 +88,55 @@ class Loaded:
 
 
 class CheckpointStore:
-    """The checkpoints of one run (``key``) in ``directory``."""
+    """The checkpoints of one run (``key``) in ``directory``, mirrored to ``remote``.
 
-    def __init__(self, directory: Path, key: str, *, keep: int) -> None:
+    With a ``remote`` store (an ``s3://`` checkpoint location, keyed by the KFP run id so
+    that a retried task finds its first attempt's checkpoints), ``directory`` is this
+    process's scratch copy: every checkpoint is written there first, then uploaded, the
+    ``.pt`` before its sidecar, so that the remote never holds a sidecar naming a file not
+    yet complete. :meth:`latest` first downloads the run's newest checkpoints.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        key: str,
+        *,
+        keep: int,
+        remote: Store | None = None,
+        remote_uri: str = "",
+    ) -> None:
         self.directory = Path(directory)
         self.key = key
         self.keep = keep
+        self.remote = remote
+        self.remote_uri = remote_uri.rstrip("/")
+
+    @classmethod
+    def open(cls, location: str, key: str, *, keep: int) -> CheckpointStore:
+        """The store for ``train.checkpoint_dir``: a local dir, or ``s3://bucket/prefix``
+        with a scratch dir of this process in the temp dir."""
+        if not is_remote(location):
+            return cls(Path(location), key, keep=keep)
+        scratch = Path(tempfile.mkdtemp(prefix="imgclf-checkpoints-"))
+        return cls(scratch, key, keep=keep, remote=open_store(location), remote_uri=location)
+
+    def where(self, path: Path) -> str:
+        """``path`` as a user finds it: the remote URI when there is one."""
+        return f"{self.remote_uri}/{path.name}" if self.remote is not None else str(path)
+
+    def path_for(self, global_step: int, *, epoch_end: bool) -> Path:
+        """Where the checkpoint at ``global_step`` goes."""
+        return self.directory / f"{self._name(global_step, epoch_end)}{CHECKPOINT_SUFFIX}"
+
+    def _name(self, global_step: int, epoch_end: bool) -> str:
+        return f"{self.key[:_KEY_CHARS]}-{global_step:09d}-{'end' if epoch_end else 'mid'}"
 
     def save(self, state: dict[str, Any], *, global_step: int, epoch_end: bool) -> Path:
         """Write ``state`` atomically, then its sidecar, then drop the oldest beyond ``keep``."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{self.key[:_KEY_CHARS]}-{global_step:09d}-{'end' if epoch_end else 'mid'}"
-        path = self.directory / f"{name}{CHECKPOINT_SUFFIX}"
+        name = self._name(global_step, epoch_end)
+        path = self.path_for(global_step, epoch_end=epoch_end)
         tmp = self.directory / f".{name}{CHECKPOINT_SUFFIX}.tmp"
         with open(tmp, "wb") as fh:
             torch.save({**state, "format": FORMAT, "run_key": self.key}, fh)
@@ -107,14 +154,20 @@ class CheckpointStore:
             "global_step": global_step,
             "epoch_end": epoch_end,
         }
-        write_json(self.directory / f"{name}{SIDECAR_SUFFIX}", sidecar)
+        sidecar_path = self.directory / f"{name}{SIDECAR_SUFFIX}"
+        write_json(sidecar_path, sidecar)
+        if self.remote is not None:
+            self.remote.upload_file(path, path.name)
+            self.remote.upload_file(sidecar_path, sidecar_path.name)
         for old in self._sidecars()[: -self.keep]:
-            _remove(old)
+            self._remove(old)
         log.debug("checkpoint written: %s", path)
         return path
 
     def latest(self) -> Loaded | None:
         """The newest checkpoint of this run that verifies and loads; None starts fresh."""
+        if self.remote is not None:
+            self._download()
         sidecars = self._sidecars()
         if not sidecars:
             if any(self.directory.glob(f"*{SIDECAR_SUFFIX}")):
@@ -134,7 +187,14 @@ class CheckpointStore:
     def remove_all(self) -> None:
         """Delete this run's checkpoints (the run completed)."""
         for meta_path, _ in self._sidecars():
-            _remove((meta_path, {}))
+            self._remove((meta_path, {}))
+        if self.remote is not None:  # and what an earlier attempt left that this one never saw
+            prefix = self.key[:_KEY_CHARS]
+            left = [k for k in self.remote.list() if k.startswith(prefix)]
+            for key in sorted(left, key=lambda k: not k.endswith(SIDECAR_SUFFIX)):
+                self.remote.delete(key)
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
         with contextlib.suppress(OSError):  # left in place while other runs' files are there
             self.directory.rmdir()
 
@@ -161,6 +221,44 @@ class CheckpointStore:
             return None
         return Loaded(path, state)
 
+    def _remove(self, sidecar: tuple[Path, dict[str, Any]]) -> None:
+        """Delete a checkpoint, sidecar first: a sidecar never names a file already gone."""
+        meta_path, _ = sidecar
+        target = meta_path.with_suffix(CHECKPOINT_SUFFIX)
+        if self.remote is not None:
+            self.remote.delete(meta_path.name)
+            self.remote.delete(target.name)
+        meta_path.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+
+    def _download(self) -> None:
+        """Copy this run's newest ``keep`` checkpoints from the remote into ``directory``.
+
+        A sidecar is fetched with its ``.pt``; a pair that fails to download (a file deleted
+        meanwhile) is skipped, and :meth:`latest` checks every file's sha256 as for local
+        checkpoints, so a truncated upload falls back to the previous checkpoint.
+        """
+        assert self.remote is not None
+        prefix = self.key[:_KEY_CHARS]
+        names = sorted(
+            key
+            for key in self.remote.list()
+            if key.startswith(prefix) and key.endswith(SIDECAR_SUFFIX)
+        )
+        for name in names[-self.keep :]:
+            target = Path(name).with_suffix(CHECKPOINT_SUFFIX).name
+            try:
+                self.remote.download_file(target, self.directory / target)
+                self.remote.download_file(name, self.directory / name)
+            except ImgclfError as exc:
+                log.warning(
+                    "checkpoint %s/%s not downloaded (%s): skipped", self.remote_uri, name, exc
+                )
+        if names:
+            log.info(
+                "fetched %d checkpoint(s) from %s", min(len(names), self.keep), self.remote_uri
+            )
+
     def _sidecars(self) -> list[tuple[Path, dict[str, Any]]]:
         """This run's sidecars, oldest first."""
         found = []
@@ -173,14 +271,6 @@ class CheckpointStore:
             if isinstance(meta, dict) and meta.get("run_key") == self.key:
                 found.append((meta_path, meta))
         return sorted(found, key=lambda m: (m[1].get("global_step", 0), m[1].get("epoch_end")))
-
-
-def _remove(sidecar: tuple[Path, dict[str, Any]]) -> None:
-    """Delete a checkpoint, sidecar first: a sidecar never names a file already gone."""
-    meta_path, _ = sidecar
-    target = meta_path.with_suffix(CHECKPOINT_SUFFIX)
-    meta_path.unlink(missing_ok=True)
-    target.unlink(missing_ok=True)
 
 
 def tracker_state(tracker: EarlyStopping) -> dict[str, Any]:

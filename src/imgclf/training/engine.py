@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imgclf.errors import ConfigError
+from imgclf.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,8 @@ def train_one_epoch(
                 after_step(progress)
     seconds = time.perf_counter() - start
     seen = progress.images
+    if distributed.active():  # every rank reports the whole job's loss and accuracy
+        loss_sum, correct, seen = _sums_across_ranks(loss_sum, correct, seen)
     denominator = max(seen, 1)
     return {
         "loss": loss_sum.item() / denominator,
@@ -394,6 +397,10 @@ def evaluate(
                 outputs["probabilities"].append(logits.softmax(dim=1).cpu())
             bar.update()
     seconds = time.perf_counter() - start
+    if distributed.active():
+        if keep_outputs:
+            raise ConfigError("evaluate(keep_outputs=True) runs in one process only")
+        loss_sum, correct, seen, correct_k = _sums_across_ranks(loss_sum, correct, seen, correct_k)
     denominator = max(seen, 1)
     result: dict[str, Any] = {
         "loss": loss_sum.item() / denominator,
@@ -408,6 +415,23 @@ def evaluate(
             {name: torch.cat(parts).tolist() if parts else [] for name, parts in outputs.items()}
         )
     return result
+
+
+def _sums_across_ranks(
+    loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, *more: torch.Tensor
+) -> tuple[Any, ...]:
+    """(loss_sum, correct, seen, *more) summed over the ranks of a distributed job, in one
+    collective. Counts travel as float64, exact far beyond any dataset's size."""
+    parts = [loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64)]
+    parts += [t.double() for t in more]
+    totals = distributed.sum_across(torch.stack([p.to(loss_sum.device) for p in parts]))
+    loss, hits, images, *rest = totals.tolist()
+    return (
+        torch.tensor(loss),
+        torch.tensor(int(hits)),
+        int(images),
+        *(torch.tensor(int(r)) for r in rest),
+    )
 
 
 def _summed_loss(criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -198,3 +198,18 @@ def test_model_files_follow_the_umask(trained: tuple[Path, dict]) -> None:
     os.umask(mask)
     for path in trained[0].iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels for the CPU: tens of seconds
+def test_compile_trains_and_writes_the_same_model_dir_layout(
+    trained: tuple[Path, dict], dataset_dir: Path, tmp_path: Path
+) -> None:
+    plain_dir, _ = trained
+    cfg = dataclasses.replace(TINY, compile=True, epochs=1, checkpoint_dir="")
+    meta = train.run(cfg, dataset_dir=dataset_dir, out_dir=tmp_path / "model")
+    assert meta["params"]["compile"] is True
+    # The saved weights are the plain module's: no torch.compile wrapper prefix in the keys.
+    compiled = load_file(tmp_path / "model" / "model.safetensors")
+    assert set(compiled) == set(load_file(plain_dir / "model.safetensors"))
+    model, _ = load_model_dir(tmp_path / "model")
+    assert model(torch.zeros(2, *meta["input_size"])).shape == (2, meta["num_classes"])

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
+import _train_runs as runs
 from _dataset_factory import build_tiny_dataset
 from imgclf.config import TrainConfig, to_dict
 from imgclf.errors import ConfigError, Preempted
@@ -32,115 +28,17 @@ from imgclf.training import checkpoint, engine
 
 pytestmark = pytest.mark.timeout(600)
 
-HANG_GUARD_S = 300
-# Long enough (40 epochs of 6 steps) that the run is still training when a test stops it
-# after its first checkpoints; small enough to take seconds on a CPU.
-SETTINGS: dict[str, Any] = {
-    "model": "simple_cnn",
-    "image_size": 12,
-    "epochs": 40,
-    "min_steps": 0,
-    "batch_size": 8,
-    "lr": 0.01,
-    "backbone_lr": 0.01,
-    "patience": 0,
-    "augment": "light",
-    "device": "cpu",
-    "num_workers": 0,
-    "threads": 1,
-    "checkpoint_every_steps": 2,
-    "keep_checkpoints": 2,
-}
-
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_dataset(tmp_path_factory.mktemp("ckpt-data") / "ds")
 
 
-def _params(root: Path, **overrides: Any) -> Path:
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": {**SETTINGS, **overrides}}), encoding="utf-8")
-    return path
-
-
-def _command(params: Path, dataset: Path, out: Path, checkpoints: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "imgclf",
-        "train",
-        "--params",
-        str(params),
-        "--dataset",
-        str(dataset),
-        "--out",
-        str(out),
-        "--checkpoint-dir",
-        str(checkpoints),
-    ]
-
-
-def _train(root: Path, dataset: Path, checkpoints: Path, **overrides: Any) -> tuple[int, str]:
-    """Run the train command to its end; (exit code, stderr)."""
-    params = _params(root, **overrides)
-    result = subprocess.run(
-        _command(params, dataset, root / "model", checkpoints),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        check=False,
-    )
-    return result.returncode, result.stderr
-
-
-def _sidecars(directory: Path) -> list[dict[str, Any]]:
-    found = []
-    for path in directory.glob(f"*{checkpoint.SIDECAR_SUFFIX}"):
-        try:
-            found.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            continue  # being replaced right now
-    return sorted(found, key=lambda m: (m["global_step"], m["epoch_end"]))
-
-
-def _start_and_stop(
-    root: Path, dataset: Path, checkpoints: Path, *, after: int, signum: int
-) -> tuple[int, str]:
-    """Start training, send ``signum`` once ``after`` checkpoints exist; (exit code, stderr)."""
-    params = _params(root)
-    log = root / "stderr.txt"
-    with open(log, "w", encoding="utf-8") as err:
-        proc = subprocess.Popen(
-            _command(params, dataset, root / "model", checkpoints),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        try:
-            deadline = time.monotonic() + HANG_GUARD_S
-            while len(_sidecars(checkpoints)) < after:
-                assert proc.poll() is None, log.read_text(encoding="utf-8")
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.005)
-            proc.send_signal(signum)
-            code = proc.wait(timeout=HANG_GUARD_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return code, log.read_text(encoding="utf-8")
-
-
-def _result(model_dir: Path) -> tuple[bytes, dict[str, Any]]:
-    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    return (model_dir / "model.safetensors").read_bytes(), meta["metrics"]
-
-
 @pytest.fixture(scope="module")
 def reference(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model dir of an uninterrupted run (same seed and settings)."""
     root = tmp_path_factory.mktemp("reference")
-    code, stderr = _train(root, dataset_dir, root / "checkpoints")
+    code, stderr = runs.train(root, dataset_dir, root / "checkpoints")
     assert code == 0, stderr
     assert "resuming" not in stderr
     # A completed run removes its checkpoints.
@@ -153,7 +51,9 @@ def preempted(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     """A run sent SIGTERM mid-training once two checkpoints existed."""
     root = tmp_path_factory.mktemp("preempted")
     checkpoints = root / "checkpoints"
-    code, stderr = _start_and_stop(root, dataset_dir, checkpoints, after=2, signum=signal.SIGTERM)
+    code, stderr = runs.start_and_stop(
+        root, dataset_dir, checkpoints, after=2, signum=signal.SIGTERM
+    )
     return code, stderr, checkpoints
 
 
@@ -161,17 +61,45 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(
     dataset_dir: Path, reference: Path, tmp_path: Path
 ) -> None:
     checkpoints = tmp_path / "checkpoints"
-    code, stderr = _start_and_stop(
+    code, stderr = runs.start_and_stop(
         tmp_path, dataset_dir, checkpoints, after=1, signum=signal.SIGKILL
     )
     assert code == -signal.SIGKILL, stderr  # killed while training, not finished
     assert not (tmp_path / "model" / "model.json").exists()
 
-    code, stderr = _train(tmp_path, dataset_dir, checkpoints)
+    code, stderr = runs.train(tmp_path, dataset_dir, checkpoints)
     assert code == 0, stderr
     assert "resuming from epoch" in stderr and "(checkpoint " in stderr
-    assert _result(tmp_path / "model") == _result(reference)
+    assert runs.result(tmp_path / "model") == runs.result(reference)
     assert not checkpoints.exists() or not any(checkpoints.glob("*.pt"))
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3_outlive_the_process_and_resume_it(
+    dataset_dir: Path,
+    reference: Path,
+    tmp_path: Path,
+    s3_env: dict[str, str],
+    s3_uri: str,
+    s3_store: Any,
+) -> None:
+    """A KFP retry runs in a new pod: only what is on the object store survives."""
+    location = f"{s3_uri}/checkpoints/run-7"
+
+    def uploaded() -> int:
+        return sum(key.endswith(checkpoint.SIDECAR_SUFFIX) for key in s3_store.list("checkpoints"))
+
+    code, stderr = runs.start_and_stop(
+        tmp_path, dataset_dir, location, after=1, signum=signal.SIGKILL, count=uploaded
+    )
+    assert code == -signal.SIGKILL, stderr
+
+    code, stderr = runs.train(tmp_path, dataset_dir, location)
+    assert code == 0, stderr
+    assert f"from {location}" in stderr  # fetched the checkpoints
+    assert "resuming from epoch" in stderr and f"(checkpoint {location}/" in stderr
+    assert runs.result(tmp_path / "model") == runs.result(reference)
+    assert s3_store.list("checkpoints") == []  # a completed run removes its own
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_with_the_preempted_code(
@@ -180,9 +108,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_preempted_code(
     code, stderr, checkpoints = preempted
     assert code == Preempted.exit_code == 75, stderr
     assert "preempted (SIGTERM)" in stderr
-    sidecars = _sidecars(checkpoints)
-    assert len(sidecars) == SETTINGS["keep_checkpoints"]  # older ones pruned
-    newest = checkpoints / sidecars[-1]["file"]
+    found = runs.sidecars(checkpoints)
+    assert len(found) == runs.SETTINGS["keep_checkpoints"]  # older ones pruned
+    newest = checkpoints / found[-1]["file"]
     assert newest.is_file() and str(newest) in stderr
     assert not list(checkpoints.glob(".*.tmp"))
 
@@ -192,18 +120,18 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(
 ) -> None:
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(preempted[2], checkpoints)
-    previous, newest = _sidecars(checkpoints)[-2:]
+    previous, newest = runs.sidecars(checkpoints)[-2:]
     data = (checkpoints / newest["file"]).read_bytes()
     (checkpoints / newest["file"]).write_bytes(data[: len(data) // 2])
 
-    code, stderr = _train(tmp_path, dataset_dir, checkpoints)
+    code, stderr = runs.train(tmp_path, dataset_dir, checkpoints)
     assert code == 0, stderr
     assert f"{newest['file']} is corrupt or truncated" in stderr
     assert (
         f"resuming from epoch {previous['epoch']} step {previous['step']} "
         f"(checkpoint {checkpoints / previous['file']})" in stderr
     )
-    assert _result(tmp_path / "model") == _result(reference)
+    assert runs.result(tmp_path / "model") == runs.result(reference)
 
 
 def test_a_changed_config_starts_fresh(
@@ -213,7 +141,7 @@ def test_a_changed_config_starts_fresh(
     shutil.copytree(preempted[2], checkpoints)
     before = sorted(p.name for p in checkpoints.iterdir())
 
-    code, stderr = _train(tmp_path, dataset_dir, checkpoints, lr=0.02, epochs=1)
+    code, stderr = runs.train(tmp_path, dataset_dir, checkpoints, lr=0.02, epochs=1)
     assert code == 0, stderr
     assert "resuming" not in stderr
     assert "belong to another run" in stderr
@@ -252,7 +180,7 @@ def test_in_process_preemption_with_auto_lr_resumes_without_a_new_sweep(
     from imgclf.steps import train
 
     cfg = dataclasses.replace(
-        TrainConfig(**{**SETTINGS, "epochs": 2, "lr": "auto", "backbone_lr": "auto"}),
+        TrainConfig(**{**runs.SETTINGS, "epochs": 2, "lr": "auto", "backbone_lr": "auto"}),
         checkpoint_dir=str(tmp_path / "checkpoints"),
     )
     reference = train.run(
@@ -281,7 +209,7 @@ def test_in_process_preemption_with_auto_lr_resumes_without_a_new_sweep(
     meta = train.run(cfg, dataset_dir=dataset_dir, out_dir=tmp_path / "model")
     assert meta["training"] == reference["training"]
     assert meta["metrics"] == reference["metrics"]
-    assert _result(tmp_path / "model") == _result(tmp_path / "reference")
+    assert runs.result(tmp_path / "model") == runs.result(tmp_path / "reference")
     # The epoch cut in half reports the same train loss and accuracy (only seconds differ).
     assert _history(tmp_path / "model") == _history(tmp_path / "reference")
 
