@@ -21,6 +21,7 @@ Set ``IMGCLF_IMAGE`` at compile time to run the components in another image.
 """
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +29,14 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
 
+from components._image import IMAGE
 from components.check_retrain.component import check_retrain
 from components.deploy.component import deploy
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
-from components.train.component import train
+from components.train.component import train, train_job
 from components.validate.component import validate
+from imgclf import config
 from imgclf.kfp.package import compile_pipeline
 from imgclf.kfp.settings import ClusterSettings, load_cluster_settings, run_defaults
 
@@ -96,6 +99,16 @@ def use_retries(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.Pipelin
         backoff_duration=cluster.retry_backoff,
         backoff_factor=cluster.retry_backoff_factor,
     )
+
+
+def use_job_launcher(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A train task that only submits and watches a training job: no GPU, little CPU.
+
+    Its pod needs a service account allowed to create the job and read its pods' logs
+    (``k8s/``); the GPUs, node selector and toleration are on the job's pods instead.
+    """
+    task.set_cpu_request("100m").set_memory_request("512M").set_memory_limit("2G")
+    return task
 
 
 def build_pipeline(
@@ -283,7 +296,16 @@ def build_pipeline(
         check_task.set_caching_options(enable_caching=False)
 
         with dsl.If(check_task.outputs["should_retrain"] == True, name="dataset-changed"):  # noqa: E712
-            train_task = train(
+            if cluster.train_backend == "pod":
+                where = {"nproc_per_node": max(1, cluster.gpu_limit)}
+                train_component = train
+            else:  # a TrainJob or PyTorchJob trains; this task submits it and waits
+                where = {
+                    "image": IMAGE,
+                    "cluster_settings": json.dumps(config.to_dict(cluster), sort_keys=True),
+                }
+                train_component = train_job
+            train_task = train_component(
                 dataset=dataset,
                 model=model,
                 pretrained=pretrained,
@@ -309,10 +331,13 @@ def build_pipeline(
                 checkpoint_every_steps=checkpoint_every_steps,
                 keep_checkpoints=keep_checkpoints,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                nproc_per_node=max(1, cluster.gpu_limit),
+                **where,
             )
             train_task.set_caching_options(enable_caching=False)
-            use_gpu(train_task, cluster)
+            if cluster.train_backend == "pod":
+                use_gpu(train_task, cluster)
+            else:
+                use_job_launcher(train_task)
             use_retries(train_task, cluster)
 
             evaluate_task = evaluate(

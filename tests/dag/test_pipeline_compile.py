@@ -9,6 +9,7 @@ server at upload time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -434,3 +435,28 @@ def test_importing_the_pipeline_reads_no_repository_file() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_a_job_backend_makes_the_train_task_a_launcher(tmp_path: Path, backend: str) -> None:
+    """With kfp.train_backend a job trains on num_nodes nodes; the task submits and waits."""
+    cluster = ClusterSettings(train_backend=backend, num_nodes=3)
+    compiled = _compile(tmp_path, tp.build_pipeline(cluster=cluster))
+    task = compiled.tasks()["train-job"]
+    inputs = task["inputs"]["parameters"]
+    settings = json.loads(inputs["cluster_settings"]["runtimeValue"]["constant"])
+    assert settings["train_backend"] == backend and settings["num_nodes"] == 3
+    assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert inputs["image"]["runtimeValue"]["constant"] == compiled.container("train-job")["image"]
+    # The launcher pod asks for no GPU (the job's pods do) and still retries.
+    resources = compiled.container("train-job")["resources"]
+    assert "accelerator" not in resources
+    assert task["retryPolicy"]["maxRetryCount"] == cluster.retries
+    # evaluate reads the model the job published, through the launcher task's output
+    evaluate = compiled.tasks()["evaluate"]["inputs"]["artifacts"]["trained_model"]
+    assert evaluate["taskOutputArtifact"]["producerTask"] == "train-job"
+
+
+def test_a_job_backend_refuses_several_gpus_per_node() -> None:
+    with pytest.raises(ConfigError, match="one process per node"):
+        ClusterSettings(train_backend="trainjob", num_nodes=2, gpu_limit=4)

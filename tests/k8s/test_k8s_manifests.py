@@ -186,6 +186,11 @@ def test_pipeline_service_account_may_read_what_the_launcher_reads() -> None:
     assert allowed("configmaps", "kfp-launcher")
     assert allowed("configmaps", cluster.s3_config_map)
     assert allowed("secrets", cluster.minio_secret)
+    # the train task with a job backend: what imgclf.kfp.trainjob calls
+    verbs = {(res, verb) for r in rules for res in r["resources"] for verb in r["verbs"]}
+    for kind in ("trainjobs", "pytorchjobs"):
+        assert {(kind, "create"), (kind, "get")} <= verbs
+    assert {("pods", "list"), ("pods/log", "get")} <= verbs
     binding = find(objects, "RoleBinding", "imgclf-pipeline")
     (subject,) = binding["subjects"]
     find(objects, "ServiceAccount", subject["name"])

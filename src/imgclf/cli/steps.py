@@ -10,9 +10,11 @@ with the process that started them (``exit_with_parent``, see :mod:`imgclf.cli`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +104,32 @@ def _train(args: argparse.Namespace) -> int:
 
     train_launch.check_nproc(args.nproc)
     cfg = _load(config.TrainConfig, "train", args, checkpoint_dir=args.checkpoint_dir)
+    live = Path(args.live) if args.live else None
     if args.nproc > 1:
         with local_input(args.dataset) as ds, local_output(args.out) as out:
-            meta = train_launch.launch(cfg, dataset_dir=ds, out_dir=out, nproc=args.nproc)
+            meta = train_launch.launch(
+                cfg, dataset_dir=ds, out_dir=out, nproc=args.nproc, live_dir=live
+            )
     else:
-        with local_input(args.dataset) as ds, local_output(args.out) as out:
-            meta = train.run(cfg, dataset_dir=ds, out_dir=out)
+        with local_input(args.dataset) as ds, _rank_output(args.out) as out:
+            meta = train.run(cfg, dataset_dir=ds, out_dir=out, live_dir=live)
     _print_summary(meta, ("architecture", "metrics"))
     return 0
+
+
+@contextlib.contextmanager
+def _rank_output(uri: str) -> Iterator[Path]:
+    """``--out`` for this process: the real one on rank 0 (or without torchrun), a scratch
+    dir on the other ranks of a distributed job (one per node under a TrainJob or
+    PyTorchJob), which write nothing and must not publish an empty model over rank 0's."""
+    from imgclf.training import distributed
+
+    if distributed.from_env().is_main:
+        with local_output(uri) as out:
+            yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclf-rank-out-") as scratch:
+        yield Path(scratch) / "model"
 
 
 def _lr_find(args: argparse.Namespace) -> int:
@@ -134,7 +154,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate.run(
             cfg, registry_settings(args), dataset_dir=ds, model_dir=model, out_dir=out
         )
-    _print_summary(metrics, ("accuracy", "loss", "macro_f1", "passed", "reasons", "champion"))
+    _print_summary(
+        metrics,
+        ("accuracy", "loss", "macro_f1", "top_k_accuracy", "passed", "reasons", "champion"),
+    )
     return 0
 
 
@@ -271,6 +294,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint-dir",
         help="override train.checkpoint_dir: a local dir that outlives a retry ('' disables)",
+    )
+    p.add_argument(
+        "--live",
+        metavar="DIR",
+        help="also log every epoch with DVCLive into the local dir DIR, for dvc exp show and "
+        "dvc plots (the DVC stage uses out/train; default: off)",
     )
     p.add_argument(
         "--nproc",

@@ -8,6 +8,7 @@ still needs only ``kfp``; ``kfp`` itself is only needed for type checking here.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,46 @@ def checkpoint_location(checkpoint_root: str, run_id: str) -> str:
             "checkpoints)"
         )
     return f"{root}/{run}"
+
+
+# Train component inputs named apart from their TrainConfig field (one flat list in the UI).
+TRAIN_QUALIFIED = {"train_image_size": "image_size", "train_seed": "seed"}
+
+
+def train_values(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train`` section from a train component's parameters (its ``locals()``).
+
+    Qualified names map back to their fields, ``checkpoint_root`` and ``run_id`` become
+    ``checkpoint_dir`` (:func:`checkpoint_location`), and whatever is not a TrainConfig
+    field (artifacts, the job's image, the GPU count) is left out: both train components
+    build their config here, so a new train setting is wired once.
+    """
+    fields = {f.name for f in dataclasses.fields(config.TrainConfig)}
+    values = {TRAIN_QUALIFIED.get(name, name): value for name, value in inputs.items()}
+    values = {name: value for name, value in values.items() if name in fields}
+    if "checkpoint_root" in inputs:
+        values["checkpoint_dir"] = checkpoint_location(
+            str(inputs["checkpoint_root"]), str(inputs.get("run_id", ""))
+        )
+    return values
+
+
+def publish_training(
+    trained_model: dsl.Model, metrics: dsl.Metrics, summary: Mapping[str, Any]
+) -> None:
+    """What a train component shows in the UI: the Model artifact's metadata (from
+    ``model.json``, ``summary``) and the best validation metrics with the chosen lr."""
+    trained_model.metadata.update(
+        {
+            "framework": "pytorch",
+            "architecture": summary["architecture"],
+            "classes": summary["classes"],
+            "input_size": summary["input_size"],
+            "dataset_hash": summary["dataset_hash"],
+            "torch_version": summary["torch_version"],
+        }
+    )
+    log_scalar_metrics(metrics, {**summary["metrics"], "lr": summary["training"]["lr"]})
 
 
 def registry_config(

@@ -88,6 +88,13 @@ class ClusterSettings:
                 f"{SECTION}.num_nodes={self.num_nodes}: a pod is one node; set "
                 f"{SECTION}.train_backend to trainjob or pytorchjob to train on several"
             )
+        if self.train_backend != "pod" and self.gpu_limit > 1:
+            raise ConfigError(
+                f"{SECTION}.gpu_limit={self.gpu_limit} with train_backend="
+                f"{self.train_backend}: a training job runs one process per node, on one GPU; "
+                f"set gpu_limit to 1 and num_nodes to the GPUs wanted (or train_backend: pod "
+                f"for several GPUs in one pod)"
+            )
         if not self.train_job_timeout_s > 0:
             raise ConfigError(
                 f"{SECTION}.train_job_timeout_s={self.train_job_timeout_s}: must be > 0"

@@ -141,14 +141,14 @@ def test_pytorchjob_has_a_master_and_num_nodes_minus_one_workers() -> None:
 
 
 def test_trainjob_runs_the_train_command_on_num_nodes() -> None:
-    manifest = _manifest("trainjob", 3, gpu_limit=2, trainjob_runtime="torch-gpu")
+    manifest = _manifest("trainjob", 3, gpu_limit=1, trainjob_runtime="torch-gpu")
     spec = manifest["spec"]
     assert spec["runtimeRef"]["name"] == "torch-gpu"
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 3
     assert trainer["image"] == IMAGE
     assert trainer["command"] == ["imgclf", "train", *TRAIN_ARGS]
-    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 2
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 1
     (override,) = spec["podSpecOverrides"]
     assert override["targetJobs"] == [{"name": "node"}]
     assert override["nodeSelector"] == {"nvidia.com/gpu.present": "true"}

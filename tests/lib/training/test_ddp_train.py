@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +127,39 @@ def test_context_from_torchrun_variables() -> None:
     assert not distributed.from_env({}).enabled
     # A PyTorchJob without torchrun sets RANK but no LOCAL_RANK: one process per node.
     assert distributed.from_env({"WORLD_SIZE": "2", "RANK": "1"}).local_rank == 0
+
+
+@pytest.mark.s3
+def test_under_torchrun_only_rank_0_publishes_the_model_to_s3(
+    dataset_dir: Path, tmp_path: Path, s3_env: dict[str, str], s3_uri: str, s3_store: Any
+) -> None:
+    """What each node of a TrainJob or PyTorchJob runs: ``imgclf train`` under torchrun with
+    an ``s3://`` output. The other ranks must not publish (an empty model over rank 0's)."""
+    params = runs.params_file(tmp_path, epochs=2)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "imgclf",
+        "train",
+        "--params",
+        str(params),
+        "--dataset",
+        str(dataset_dir),
+        "--out",
+        f"{s3_uri}/model",
+        "--checkpoint-dir",
+        "",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=runs.HANG_GUARD_S, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    keys = set(s3_store.list("model"))
+    assert {"model/model.safetensors", "model/model.json", "model/_SUCCESS"} <= keys
+    meta = json.loads(s3_store.read_bytes("model/model.json"))
+    assert meta["world_size"] == 2
