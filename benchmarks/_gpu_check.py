@@ -6,10 +6,14 @@ supported, else fp16 with a GradScaler), AMP + channels_last and AMP + channels_
 best eager variant fed by imgclf's real data path (``ClassificationPresetTrain`` and
 ``make_loader`` with the ``auto`` settings) over a folder of generated JPEGs, and that data
 path alone. ``ddp`` is a smoke test run under ``torchrun``: two processes train a few steps
-with DistributedDataParallel and check that their weights agree.
+with DistributedDataParallel and check that their weights agree. ``resume`` is one
+checkpoint/resume round trip of the real ``imgclf train`` on CUDA: SIGTERM after the first
+checkpoint (exit 75 expected), then a rerun that must resume; with ``--nproc 2`` the same
+through ``imgclf train --nproc 2`` (NCCL).
 
     python benchmarks/_gpu_check.py bench --steps 30
     torchrun --standalone --nproc_per_node=2 benchmarks/_gpu_check.py ddp
+    python benchmarks/_gpu_check.py resume [--nproc 2]
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -233,10 +239,52 @@ def ddp(args: argparse.Namespace) -> int:
     return 0 if spread < DDP_TOLERANCE else 1
 
 
+def resume(args: argparse.Namespace) -> int:
+    """``imgclf ingest`` a small JPEG folder, ``imgclf train`` on CUDA until its first
+    checkpoint, SIGTERM (exit 75 expected), then train again: it must resume and finish."""
+    with tempfile.TemporaryDirectory(prefix="imgclf-gpu-resume-") as tmp:
+        root = Path(tmp)
+        write_jpeg_folder(root / "raw", per_class=16)
+        ingest = ["imgclf", "ingest", "--source", str(root / "raw"), "--out", str(root / "ds")]
+        subprocess.run(ingest, check=True, capture_output=True, text=True)
+        checkpoints = root / "checkpoints"
+        command = [
+            "imgclf", "train", "--dataset", str(root / "ds"), "--out", str(root / "model"),
+            "--checkpoint-dir", str(checkpoints), "--nproc", str(args.nproc),
+            "--set", "device=cuda", "--set", "model=resnet18", "--set", "image_size=64",
+            "--set", "epochs=10", "--set", "min_steps=0", "--set", "batch_size=8",
+            "--set", "lr=0.001", "--set", "backbone_lr=0.001", "--set", "checkpoint_every_steps=2",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        while not list(checkpoints.glob("*.json")):
+            if first.poll() is not None or time.perf_counter() - start > 240:
+                first.kill()
+                print(f"resume FAILED: no checkpoint appeared\n{first.communicate()[1][-2000:]}")
+                return 1
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+        stopped = time.perf_counter()
+        second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        resumed = [line for line in second.stderr.splitlines() if "resuming from" in line]
+        ok = first.returncode == 75 and second.returncode == 0 and bool(resumed)
+        print(
+            f"resume {'ok' if ok else 'FAILED'} (nproc={args.nproc}): SIGTERM exit "
+            f"{first.returncode} (75 expected), rerun exit {second.returncode}; "
+            f"{resumed[0].strip() if resumed else 'no resume line'}; "
+            f"rerun {time.perf_counter() - stopped:.1f} s"
+        )
+        if not ok:
+            print(stderr[-2000:], second.stderr[-2000:], sep="\n")
+        return 0 if ok else 1
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options of both modes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "ddp"))
+    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "ddp", "resume"))
+    parser.add_argument("--nproc", type=int, default=1, help="resume: training processes")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (x4 compiled)")
@@ -247,12 +295,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``bench`` or ``ddp``; without CUDA, say so and succeed (nothing to check)."""
+    """Run ``bench``, ``ddp`` or ``resume``; without CUDA, say so and succeed."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: torch sees none, nothing to check")
         return 0
-    return bench(args) if args.mode == "bench" else ddp(args)
+    return {"bench": bench, "ddp": ddp, "resume": resume}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # Prints: an nvidia-smi summary; ResNet-50 at 224 px images/s for the book's fp32 loop,
 # AMP (bf16 where supported, else fp16), AMP + channels_last and + torch.compile, on
 # synthetic batches; the same on a generated folder of JPEGs through imgclf's data path, and
-# that data path alone; a 2-process DDP smoke run when there is more than one GPU.
+# that data path alone; one checkpoint/resume round trip of `imgclf train` on CUDA; a
+# 2-process DDP smoke run and `imgclf train --nproc 2` when there is more than one GPU.
 # Without a CUDA GPU it says "no CUDA GPU" and exits 0.
 #
 #   bash benchmarks/gpu_check.sh
@@ -26,12 +27,17 @@ nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used,utiliz
 gpus=$(nvidia-smi -L | wc -l)
 
 echo "== ResNet-50 training throughput (single GPU)"
-# 6 minutes at most, so that the DDP run and the summary still fit in 8
-timeout 360 "$PYTHON" "$HELPER" bench
+# 5 minutes at most, so that the resume and DDP runs (<= 75 s each) still fit in 8
+timeout 300 "$PYTHON" "$HELPER" bench
+
+echo "== checkpoint/resume round trip (imgclf train on CUDA, SIGTERM, rerun)"
+timeout 75 "$PYTHON" "$HELPER" resume || echo "resume check did not finish in time"
 
 if [ "$gpus" -gt 1 ]; then
     echo "== DDP smoke run (2 processes)"
     timeout 60 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 "$HELPER" ddp --steps 5
+    echo "== imgclf train --nproc 2 (NCCL), SIGTERM and resume"
+    timeout 60 "$PYTHON" "$HELPER" resume --nproc 2 || echo "DDP resume did not finish in time"
 else
     echo "== DDP smoke run skipped: $gpus GPU"
 fi
