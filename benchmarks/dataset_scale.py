@@ -11,13 +11,16 @@ ingest
     peak memory. Then the peak at the largest N over the peak at the smallest, PASS when
     <= 1.2 (the issue: 20,000 images within 1.2x of 5,000).
 
-How memory is counted: each ingest runs in a fresh Python process, so nothing of an earlier
-run or of this script is counted. That process reports its own peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) and, after its worker pool has been joined, the
-largest peak among its workers (``RUSAGE_CHILDREN``: the kernel keeps the maximum over
-waited-for children, not the sum). The reported total is ``own + workers x largest
-worker``: an upper bound of the real combined peak, since the peaks need not coincide and
-spawned workers share no pages with the parent. The ratio uses that total.
+How memory is counted (Linux): each ingest runs in a fresh Python process, so nothing of an
+earlier run or of this script is counted. That process reports its own peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``) and, from a thread that looks every 0.1 s, each
+worker's ``VmHWM`` in ``/proc/<pid>/status`` (its peak RSS since it was started). Not
+``RUSAGE_CHILDREN``: that is the largest child, not the sum, and a spawned worker's
+``ru_maxrss`` includes the parent's whole RSS from the instant between fork and exec, so
+it grows with the parent's plan although the worker does not. The reported total is own
+peak + the sum of the workers' peaks: an upper bound of the real combined peak, since the
+peaks need not coincide and spawned workers share no pages with the parent (a peak reached
+in a worker's last 0.1 s is missed). The ratio uses that total.
 
 The script prints numbers from one run; nothing is asserted about time. Exit status 1 when a
 check prints FAIL.
@@ -134,21 +137,52 @@ def make_photo_dataset(root: Path, n: int, classes: int) -> Path:
 
 # Run with `python -c`, so spawned workers import no benchmark module (nor numpy) with it.
 _INGEST_CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from pathlib import Path
 from imgclf.config import IngestConfig
 from imgclf.steps import ingest
 
+def status(pid, key):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+def children():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if int(fh.read().rpartition(")")[2].split()[1]) == os.getpid():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+peaks, done = {}, threading.Event()
+
+def watch():  # each worker's VmHWM (its peak RSS since exec), kept from the last look
+    while not done.wait(0.1):
+        for pid in children():
+            try:
+                if status(pid, "VmRSS") > 0:  # not a zombie
+                    peaks[pid] = max(peaks.get(pid, 0), status(pid, "VmHWM"))
+            except (OSError, StopIteration):
+                pass
+
 source, out, workers = sys.argv[1:4]
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
 started = time.perf_counter()
 summary = ingest.run(IngestConfig(source=source, workers=workers), out_dir=Path(out))
 seconds = time.perf_counter() - started
-unit = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB (Linux), B (macOS)
+done.set()
+watcher.join()
+n = ingest.resolve_workers(workers, summary["num_images"])
+workers_kib = sorted(peaks.values(), reverse=True)[: n if n > 1 else 0]
 print(json.dumps({
     "seconds": seconds,
-    "workers": ingest.resolve_workers(workers, summary["num_images"]),
-    "own_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit,
-    "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / unit,
+    "workers": n,
+    "own_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "worker_peaks_mib": [kib / 1024 for kib in workers_kib],
 }))
 """
 
@@ -185,8 +219,7 @@ def ingest_once(source: Path, out: Path, workers: str) -> dict[str, Any]:
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(_compare_with_source(source, out))
-    pool = result["workers"] if result["workers"] > 1 else 0  # 1: no pool, all in-process
-    result["total_peak_mib"] = result["own_peak_mib"] + pool * result["worker_peak_mib"]
+    result["total_peak_mib"] = result["own_peak_mib"] + sum(result["worker_peaks_mib"])
     return result
 
 
@@ -199,7 +232,9 @@ def measure_ingest(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
     results: dict[str, Any] = {}
     ok = True
     for n in sizes:
-        source = full if n == sizes[-1] else _subset(full, workdir / f"photos-{n}", n)
+        source = (
+            full if n == sizes[-1] else _subset(full, workdir / f"subset-{n}-of-{sizes[-1]}", n)
+        )
         r = ingest_once(source, workdir / f"dataset-{n}", args.workers)
         results[str(n)] = r
         ratio = r["output_bytes"] / r["source_bytes"]
@@ -210,8 +245,8 @@ def measure_ingest(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
             f"{n / r['seconds']:.0f} images/s; output/source bytes {ratio:.3f} "
             f"({verdict} <= {MAX_BYTES_RATIO}); byte-identical {r['identical'] / n:.1%}, "
             f"converted {r['converted'] / n:.1%}; peak RSS {r['own_peak_mib']:.0f} MiB own + "
-            f"{r['workers'] if r['workers'] > 1 else 0} x {r['worker_peak_mib']:.0f} MiB "
-            f"workers = {r['total_peak_mib']:.0f} MiB",
+            f"workers [{', '.join(f'{w:.0f}' for w in r['worker_peaks_mib'])}] MiB = "
+            f"{r['total_peak_mib']:.0f} MiB",
             flush=True,
         )
     if len(sizes) > 1:

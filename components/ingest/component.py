@@ -29,7 +29,7 @@ def ingest(
         split_val: Fraction of each class that goes to the validation split.
         split_test: Fraction of each class that goes to the test split.
         split_seed: Seed of the split shuffle, so a rerun assigns every image the same split.
-        image_format: Format the normalised images are written in (``png``).
+        image_format: ``keep`` (good files byte for byte, others converted) or ``png``.
     """
     from pathlib import Path
 

@@ -111,7 +111,10 @@ class IngestConfig:
     image_size: int = 32
     split: SplitRatios = SplitRatios()
     seed: int = 42
-    image_format: str = "png"
+    # keep: files that need no change are stored byte for byte; png: re-encode every image
+    image_format: str = "keep"
+    # processes that decode, check and hash images: "auto" (one per core) or a count
+    workers: int | str = "auto"
     s3: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Sources are untrusted input: bounds that stop a hostile or broken archive or download
     # before it fills the disk. Generous enough for a large image dataset, small enough
@@ -128,6 +131,13 @@ class IngestConfig:
         _between("ingest", self, *IMAGE_SIZE_RANGE, "image_size")
         _at_least("ingest", self, 1, "max_download_bytes", "max_extracted_bytes")
         _at_least("ingest", self, 1, "max_archive_members")
+        workers = self.workers
+        if isinstance(workers, str) and workers.strip().isdigit():
+            workers = int(workers)  # KFP passes strings
+        if not (isinstance(workers, str) and workers.strip().lower() == AUTO) and (
+            type(workers) is not int or workers < 1
+        ):
+            raise ConfigError(f"ingest.workers={self.workers!r}: must be >= 1 or 'auto'")
         if not self.max_compression_ratio >= 1:
             raise ConfigError(
                 f"ingest.max_compression_ratio={self.max_compression_ratio}: must be >= 1"

@@ -19,18 +19,27 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 IGNORED_TOP_LEVEL = frozenset({"__MACOSX"})  # resource forks that macOS zips add
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class RawImage:
-    """One candidate image found in a source tree, before decoding."""
+    """One candidate image found in a source tree, before decoding.
 
-    path: Path
-    """The file on disk."""
+    A dataset may list millions of these, so each is small: slots, and the tree's root
+    Path shared by all instead of a Path object (and its parts) per file.
+    """
+
+    root: Path
+    """The root of the tree (the same object for every image of one scan)."""
     rel: str
     """POSIX path relative to the tree root: sort key and the path ``materialize_source`` keeps."""
     label: str
     """The class, i.e. the name of the class folder."""
     split: str | None
     """``train``/``val``/``test`` when the source was already split, else None."""
+
+    @property
+    def path(self) -> Path:
+        """The file on disk."""
+        return self.root.joinpath(*self.rel.split("/"))
 
 
 def find_images(root: Path, *, label: str, allow_external_links: bool = False) -> list[RawImage]:
@@ -165,5 +174,5 @@ def _class_images(guard: _Guard, class_dir: Path, split: str | None) -> list[Raw
             path = Path(dirpath) / name
             guard.check_file(path)
             rel = path.relative_to(guard.root).as_posix()
-            found.append(RawImage(path=path, rel=rel, label=class_dir.name, split=split))
+            found.append(RawImage(root=guard.root, rel=rel, label=class_dir.name, split=split))
     return found

@@ -2,21 +2,23 @@
 
 Output (``docs/CONTRACTS.md``, "Dataset dir")::
 
-    images/<split>/<class>/<file>   normalised images (and undecodable originals, see below)
+    images/<split>/<class>/<file>   the images (and undecodable originals, see below)
     manifest.csv, dataset.json      one row per file, and the summary with the dataset hash
                                     (both written by :func:`imgclf.contracts.write_dataset`)
     config.json                     the resolved IngestConfig (secrets redacted)
 
-Normalisation, so every later step sees the same few kinds of file:
+What each file becomes is decided per file by :mod:`imgclf.data.imagefile`: with
+``image_format: keep`` (the default) a JPEG, PNG or WebP that decodes, has mode ``L`` or
+``RGB`` and needs no EXIF rotation is stored byte for byte, anything else is converted and
+the manifest's ``stored``/``conversion`` columns say so and why; ``image_format: png``
+re-encodes every image as PNG. The file keeps its original stem, reduced to
+``[A-Za-z0-9._-]`` and de-duplicated within its folder with ``_1``, ``_2``, ... suffixes.
 
-- each image is decoded with PIL (truncated files are errors, not silently padded), its
-  EXIF orientation applied, and re-encoded as ``cfg.image_format`` (PNG) without metadata;
-- modes ``L`` and ``RGB`` are kept; 16-bit grayscale (``I;16``, ``I;16B``, ...) becomes ``L``
-  scaled by ``255 / 65535`` (see :func:`to_8bit`); every other mode (``P``, ``RGBA``,
-  ``CMYK``, ``1``, ...) is converted to ``RGB``: alpha is dropped, not composited; animated
-  files keep their first frame;
-- the file keeps its original stem, reduced to ``[A-Za-z0-9._-]`` and de-duplicated within
-  its folder with ``_1``, ``_2``, ... suffixes.
+Decoding, checking and hashing run in ``ingest.workers`` processes (``auto``: one per
+core). Memory stays bounded: the plan holds one small record per file and each written file
+leaves one manifest row, but no image's bytes are held; workers read and write files by
+path, and only a bounded window of work is in flight. Workers are spawned, so a script that
+calls :func:`run` needs the usual ``if __name__ == "__main__":`` guard.
 
 Files that cannot be decoded are not dropped: their original bytes are copied under their
 original (sanitised) name and the manifest row says why in ``error``. Dropping them here
@@ -25,21 +27,32 @@ would hide the problem; the validate step decides whether it blocks the pipeline
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import concurrent.futures
 import dataclasses
-import hashlib
-import io
+import itertools
 import logging
 import math
+import multiprocessing
+import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import IngestConfig, SplitRatios, to_dict
+from imgclf.config import AUTO, IngestConfig, SplitRatios, to_dict
 from imgclf.contracts import SPLITS, ManifestRow, image_path, write_dataset
+from imgclf.data.imagefile import (
+    CONVERTED,
+    IMAGE_FORMATS,
+    KEEP,
+    StoredFile,
+    StoreTask,
+    store_images,
+)
 from imgclf.data.layout import RawImage, find_images
 from imgclf.data.sources import SourceOptions, open_source, redact_uri
 from imgclf.errors import ConfigError
@@ -47,19 +60,14 @@ from imgclf.fsutil import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-KEPT_MODES = ("L", "RGB")
-"""Image modes written as they are; any other mode is converted to RGB."""
-
-_FORMATS = {"png": ("PNG", ".png", {"compress_level": 6})}
 _RATIO_TOLERANCE = 1e-6
 _MAX_STEM = 100
 _SECRET_KEY = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
-_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_MAX_16BIT = 65535
-
-
-class UndecodableImage(Exception):
-    """Raised by :func:`decode_image`; its message is the short reason for the manifest."""
+# Work in flight: tasks go to workers in chunks (one message per image would cost as much as
+# decoding a small one), and each worker has a few chunks queued so it never waits.
+_CHUNK = 16
+_WINDOW_PER_WORKER = 4
+_IMAGES_PER_AUTO_WORKER = 256
 
 
 def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
@@ -75,11 +83,23 @@ def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
     with atomic_dir(out_dir) as tmp:
         work = tmp / ".source"
         root = source.materialize(work)
-        images = find_images(
-            root, label=source.label, allow_external_links=cfg.allow_external_links
+        plan = assign_splits(
+            find_images(root, label=source.label, allow_external_links=cfg.allow_external_links),
+            cfg.split,
+            cfg.seed,
         )
-        plan = assign_splits(images, cfg.split, cfg.seed)
-        rows = write_images(plan, tmp, image_format=image_format)
+        # written by split, class and path; reversed, since _drain takes from the end, so
+        # each entry is released as its image is written
+        order = {split: i for i, split in enumerate(SPLITS)}
+        plan.sort(key=lambda p: (order[p[1]], p[0].label, p[0].rel), reverse=True)
+        total = len(plan)
+        rows = write_images(
+            _drain(plan),
+            tmp,
+            total=total,
+            image_format=image_format,
+            workers=resolve_workers(cfg.workers, total),
+        )
         shutil.rmtree(work, ignore_errors=True)
         summary = write_dataset(
             tmp,
@@ -111,10 +131,10 @@ def check_config(cfg: IngestConfig) -> None:
             "ingest.split: ratios must be >= 0 and sum to 1, got "
             f"train={cfg.split.train} val={cfg.split.val} test={cfg.split.test}"
         )
-    if cfg.image_format.lower() not in _FORMATS:
+    if cfg.image_format.lower() not in IMAGE_FORMATS:
         raise ConfigError(
             f"ingest.image_format: {cfg.image_format!r} is not supported; "
-            f"use one of {', '.join(sorted(_FORMATS))}"
+            f"use one of {', '.join(IMAGE_FORMATS)}"
         )
     if isinstance(cfg.image_size, bool) or cfg.image_size < 1:
         raise ConfigError(f"ingest.image_size: expected a positive integer, got {cfg.image_size}")
@@ -173,127 +193,129 @@ def assign_splits(
     return plan
 
 
-@contextlib.contextmanager
-def _strict_truncation() -> Iterator[None]:
-    """Make PIL raise on truncated files even if another module relaxed it globally."""
-    from PIL import ImageFile
+def resolve_workers(setting: int | str, n_images: int) -> int:
+    """How many processes decode: ``ingest.workers``, never more than there are images.
 
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def decode_image(data: bytes) -> Any:
-    """Decode fully (so truncation is caught), apply EXIF orientation, normalise the mode.
-
-    Returns a ``PIL.Image.Image`` in mode L or RGB with no metadata except an ICC profile
-    whose colour space still matches; raises :class:`UndecodableImage` with a short reason.
+    ``auto`` is one per core this process may run on (``sched_getaffinity``: a container's
+    CPU set, not a Kubernetes CPU limit, which it cannot see), but at most one per
+    ``_IMAGES_PER_AUTO_WORKER`` images: starting a worker took ~0.4 s (2 cores, spawn and
+    PIL import), the time of ~100 small images, so a small dataset is done in-process.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise UndecodableImage("empty file")
-    try:
-        with _strict_truncation(), Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            original_mode = opened.mode
-            image = ImageOps.exif_transpose(opened)
-            if image.mode in _WIDE_GRAY_MODES:
-                image = to_8bit(image)
-            elif image.mode not in KEPT_MODES:
-                image = image.convert("RGB")
-    except UnidentifiedImageError:
-        raise UndecodableImage("not an image") from None
-    except Image.DecompressionBombError:
-        raise UndecodableImage("too many pixels (decompression bomb)") from None
-    except Exception as exc:  # PIL raises many types for corrupt data; all mean "unusable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UndecodableImage(f"cannot decode: {reason}"[:200]) from None
-    # an ICC profile describes the original colour space: keep it only if that is unchanged
-    icc = image.info.get("icc_profile") if image.mode == original_mode else None
-    image.info = {"icc_profile": icc} if icc else {}
-    return image
-
-
-def to_8bit(image: Any) -> Any:
-    """A 16-bit (or 32-bit integer) grayscale image as mode ``L``, keeping its contrast.
-
-    PIL's own conversion clips at 255, so a 16-bit scan comes out nearly all white. The
-    scale is fixed, ``round(v * 255 / 65535)``, not stretched to each image's own range:
-    the same sensor value then maps to the same grey in every image, which is what a
-    classifier should see. Mode ``I`` is ambiguous (PIL also uses it for 8-bit data):
-    values within 0..255 are kept as they are, values within 0..65535 are read as 16-bit,
-    and anything wider (negative, or 32-bit) is stretched from its minimum to its maximum.
-    """
-    import numpy as np
-    from PIL import Image
-
-    values = np.asarray(image)
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
-    if image.mode == "I" and low >= 0 and high <= 255:
-        scaled = values
-    elif low >= 0 and high <= _MAX_16BIT:  # uint32 holds 65535 * 255 without overflow
-        scaled = (values.astype(np.uint32) * 255 + _MAX_16BIT // 2) // _MAX_16BIT
+    if isinstance(setting, str) and setting.strip().lower() == AUTO:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS and Windows have no affinity call
+            cores = os.cpu_count() or 1
+        count = min(cores, n_images // _IMAGES_PER_AUTO_WORKER)
     else:
-        span = max(high - low, 1)
-        scaled = ((values.astype(np.int64) - low) * 255 + span // 2) // span
-    return Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
-
-
-def encode_image(image: Any, image_format: str) -> bytes:
-    """Encode a decoded image deterministically (fixed settings, no metadata but ICC)."""
-    pil_format, _, params = _FORMATS[image_format]
-    buffer = io.BytesIO()
-    icc = image.info.get("icc_profile")
-    image.save(buffer, format=pil_format, **params, **({"icc_profile": icc} if icc else {}))
-    return buffer.getvalue()
+        count = int(setting)
+    return max(1, min(count, n_images))
 
 
 def write_images(
-    plan: Sequence[tuple[RawImage, str]], dataset_dir: Path, *, image_format: str = "png"
+    plan: Iterable[tuple[RawImage, str]],
+    dataset_dir: Path,
+    *,
+    total: int | None = None,
+    image_format: str = KEEP,
+    workers: int = 1,
 ) -> list[ManifestRow]:
-    """Write each planned image under ``images/<split>/<class>/`` and describe it."""
+    """Write each planned image under ``images/<split>/<class>/`` and describe it.
+
+    ``plan`` is read once, in order; its images must come grouped by (split, class), since
+    names are made unique within the group being written (``total``: its length, for the
+    progress bar). Workers (:func:`~imgclf.data.imagefile.store_image`) read each source
+    file by path and write what is stored of it to a numbered file in a hidden staging
+    folder; here, in plan order, each gets its final name and is moved into place. So
+    names, files and rows do not depend on the number of workers, no image's bytes pass
+    between processes, and only the images in flight are held besides the rows.
+    """
     from tqdm import tqdm
 
-    suffix = _FORMATS[image_format][1]
-    order = {split: i for i, split in enumerate(SPLITS)}
-    ordered = sorted(plan, key=lambda p: (order[p[1]], p[0].label, p[0].rel))
-    used: dict[tuple[str, str], set[str]] = {}
+    staging = dataset_dir / ".staging"
+    staging.mkdir()
+    in_flight: collections.deque[tuple[RawImage, str]] = collections.deque()
+
+    def tasks() -> Iterator[StoreTask]:
+        for i, entry in enumerate(plan):
+            in_flight.append(entry)
+            yield entry[0].path, staging / str(i), image_format
+
+    group: tuple[str, str] | None = None
+    names: set[str] = set()
+    written: set[tuple[str, str]] = set()
     rows = []
-    for image, split in tqdm(ordered, desc="ingest", unit="img", disable=None):
-        original = image.path.read_bytes()
-        try:
-            decoded = decode_image(original)
-        except UndecodableImage as exc:
-            data, error, name_suffix = original, str(exc), image.path.suffix
-            width = height = mode = None
-        else:
-            data, error, name_suffix = encode_image(decoded, image_format), "", suffix
-            width, height, mode = decoded.width, decoded.height, decoded.mode
-        names = used.setdefault((split, image.label), set())
-        name = _unique_name(_sanitise_stem(image.path.stem), name_suffix, names)
-        rel = image_path(split, image.label, name)
-        target = dataset_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        rows.append(
-            ManifestRow(
-                path=rel,
-                label=image.label,
-                split=split,
-                width=width,
-                height=height,
-                mode=mode,
-                bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                error=error,
+    with tqdm(total=total, desc="ingest", unit="img", disable=None) as bar:
+        for i, stored in enumerate(_store_in_order(tasks(), workers)):
+            image, split = in_flight.popleft()
+            if (split, image.label) != group:
+                if (split, image.label) in written:
+                    raise ValueError(f"plan not grouped by split and class: {image.rel}")
+                written.add((split, image.label))
+                group, names = (split, image.label), set()
+            name = _unique_name(_sanitise_stem(image.path.stem), stored.suffix, names)
+            rel = image_path(split, image.label, name)
+            target = dataset_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / str(i), target)
+            rows.append(
+                ManifestRow(
+                    path=rel,
+                    label=image.label,
+                    split=split,
+                    width=stored.width,
+                    height=stored.height,
+                    # the few distinct texts, once each: unpickled, every row had its own copy
+                    mode=sys.intern(stored.mode) if stored.mode else None,
+                    bytes=stored.bytes,
+                    sha256=stored.sha256,
+                    error=stored.error,
+                    stored=sys.intern(stored.stored),
+                    conversion=sys.intern(stored.conversion),
+                )
             )
+            bar.update()
+    staging.rmdir()
+    _log_summary(rows)
+    rows.sort(key=lambda r: r.path)
+    return rows
+
+
+def _drain(items: list[Any]) -> Iterator[Any]:
+    """Yield a list's items from its end, removing each, so none is held once handed on."""
+    while items:
+        yield items.pop()
+
+
+def _store_in_order(tasks: Iterable[StoreTask], workers: int) -> Iterator[StoredFile]:
+    """:func:`~imgclf.data.imagefile.store_image` for each task, in task order.
+
+    With more than one worker, at most ``workers * _WINDOW_PER_WORKER`` chunks of ``_CHUNK``
+    tasks are in flight, so neither tasks nor results pile up however many images there
+    are. Workers are spawned, not forked: they start without a copy of this process (whose
+    plan grows with the dataset) or its threads, and import only :mod:`imgclf.data.imagefile`.
+    """
+    chunks = _chunked(tasks, _CHUNK)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from store_images(chunk)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        window = workers * _WINDOW_PER_WORKER
+        pending = collections.deque(
+            pool.submit(store_images, chunk) for chunk in itertools.islice(chunks, window)
         )
-    _log_errors(rows)
-    return sorted(rows, key=lambda r: r.path)
+        while pending:
+            head = pending.popleft()
+            pending.extend(pool.submit(store_images, c) for c in itertools.islice(chunks, 1))
+            yield from head.result()
+
+
+def _chunked(items: Iterable[StoreTask], size: int) -> Iterator[list[StoreTask]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _sanitise_stem(stem: str) -> str:
@@ -315,7 +337,14 @@ def _unique_name(stem: str, suffix: str, used: set[str]) -> str:
     return candidate
 
 
-def _log_errors(rows: Iterable[ManifestRow]) -> None:
+def _log_summary(rows: Sequence[ManifestRow]) -> None:
+    converted = [r for r in rows if r.stored == CONVERTED]
+    if converted:
+        log.info(
+            "%d of %d image(s) converted (see the manifest's conversion column)",
+            len(converted),
+            len(rows),
+        )
     bad = [r for r in rows if r.error]
     if bad:
         examples = "; ".join(f"{r.path}: {r.error}" for r in bad[:5])

@@ -171,7 +171,9 @@ def test_manifest_dataset_json_and_config_follow_the_contract(
         assert r["path"] == f"images/{r['split']}/{r['label']}/{Path(r['path']).name}"
         assert int(r["bytes"]) == len(data)
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
+        assert data == (three_classes / r["label"] / Path(r["path"]).name).read_bytes()
         assert (r["width"], r["height"], r["mode"], r["error"]) == ("6", "6", "RGB", "")
+        assert (r["stored"], r["conversion"]) == ("kept", "")
 
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset == summary
@@ -179,7 +181,7 @@ def test_manifest_dataset_json_and_config_follow_the_contract(
     assert dataset["hash"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
     assert dataset["hash"] == compute_dataset_hash(rows)
     assert {k: dataset[k] for k in ("image_format", "seed", "split", "source")} == {
-        "image_format": "png",
+        "image_format": "keep",
         "seed": 42,
         "split": {"train": 0.7, "val": 0.15, "test": 0.15},
         "source": str(three_classes),
@@ -206,7 +208,8 @@ def test_images_are_normalised(tmp_path: Path) -> None:
     Image.new("RGB", (3, 3), (1, 2, 3)).save(src / "my photo (1).BMP")
     Image.new("RGB", (3, 3), (1, 2, 3)).save(src / "dup.png")
     Image.new("RGB", (3, 3), (4, 5, 6)).save(src / "dup.jpg")
-    ingest.run(IngestConfig(source=str(tmp_path / "src")), out_dir=tmp_path / "ds")
+    cfg = IngestConfig(source=str(tmp_path / "src"), image_format="png")
+    ingest.run(cfg, out_dir=tmp_path / "ds")
 
     rows = {Path(r["path"]).name: r for r in read_manifest(tmp_path / "ds")}
     assert {name: (r["width"], r["height"], r["mode"]) for name, r in rows.items()} == {
@@ -226,6 +229,8 @@ def test_images_are_normalised(tmp_path: Path) -> None:
             assert "exif" not in image.info
     with Image.open(tmp_path / "ds" / "images" / "train" / "c" / "dup_1.png") as image:
         assert image.getpixel((0, 0)) in {(1, 2, 3), (4, 5, 6)}
+    conversions = {r["stored"] + " " + r["conversion"] for r in rows.values()}
+    assert conversions == {"converted image_format png"}
 
 
 def test_undecodable_files_are_kept_with_an_error(tmp_path: Path, make_images) -> None:
