@@ -202,7 +202,7 @@ def build_pipeline(
             split_val: Fraction of each class in the validation split.
             split_test: Fraction of each class in the test split.
             split_seed: Seed of the split assignment.
-            image_format: Format of the normalised images (png).
+            image_format: keep (source bytes where they need no conversion) or png.
             min_width: Smallest accepted image width in pixels.
             max_width: Largest accepted image width in pixels.
             min_height: Smallest accepted image height in pixels.

@@ -34,7 +34,8 @@ TARGETS: dict[str, tuple[str, ...]] = {"pipeline": ("pipeline",), "serving": ()}
 CONSTRAINED_BY = {"serving": "pipeline"}
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"  # the base image is Debian bookworm (glibc 2.36) on amd64
-TORCH_STACK = re.compile(r"^(torch|torchvision|triton|nvidia-.+|cuda-.+)$")
+# nvidia-ml-py (NVML bindings, a dvclive dependency) is a plain PyPI package, not the stack's.
+TORCH_STACK = re.compile(r"^(torch|torchvision|triton|nvidia-(?!ml-py$).+|cuda-.+)$")
 COMPILE_COMMAND = "make lock"
 # A requirement line of the lock: `name==version`, maybe followed by ` \` and hash lines.
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imgclf.contracts import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+from imgclf.contracts import EVAL_REPORT_FILE, METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
 from imgclf.fsutil import write_json, write_text
 
 INPUT_SIZE = (3, 8, 8)
@@ -85,7 +85,8 @@ def build_eval_dir(
     reasons: Sequence[str] = (),
     classes: Sequence[str] = ("cat", "fish"),
 ) -> Path:
-    """An evaluation dir at ``root`` with a ``metrics.json`` carrying the ``passed`` flag."""
+    """An evaluation dir at ``root``: a flat ``metrics.json`` carrying the ``passed`` flag and
+    a ``report.json`` with the per-class scores and the gate's ``reasons``."""
     per_class = {
         c: {"precision": accuracy, "recall": accuracy, "f1": accuracy, "support": 10}
         for c in classes
@@ -95,10 +96,19 @@ def build_eval_dir(
         {
             "accuracy": accuracy,
             "loss": 0.2,
-            "top_k_accuracy": 1.0,
-            "per_class": per_class,
             "macro_f1": accuracy,
+            "top_k_accuracy": 1.0,
             "passed": passed,
+            "champion_accuracy": None,
+        },
+    )
+    write_json(
+        root / EVAL_REPORT_FILE,
+        {
+            "top_k": 2,
+            "num_images": 10 * len(classes),
+            "classes": list(classes),
+            "per_class": per_class,
             "reasons": list(reasons),
             "champion": None,
         },

@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
+    HTML,
     Artifact,
     ClassificationMetrics,
     Dataset,
@@ -25,6 +26,7 @@ def evaluate(
     metrics: Output[Metrics],
     confusion_matrix: Output[ClassificationMetrics],
     model_card: Output[Markdown],
+    misclassified: Output[HTML],
     min_accuracy: float,
     max_regression: float,
     top_k: int,
@@ -43,6 +45,8 @@ def evaluate(
         metrics: Output scalar metrics: accuracy, loss, top-k accuracy, macro F1.
         confusion_matrix: Output confusion matrix on the test split, for the KFP UI.
         model_card: Output model card (Markdown).
+        misclassified: Output page with the worst misclassified test images (the wrong
+            predictions made with the highest probability), true and predicted labels.
         min_accuracy: Lowest test accuracy a model may have to be deployed.
         max_regression: Largest accuracy drop allowed against the production model.
         top_k: k of the reported top-k accuracy.
@@ -61,6 +65,7 @@ def evaluate(
     from imgclf import config
     from imgclf.fsutil import read_json
     from imgclf.kfp.components import log_scalar_metrics, registry_config
+    from imgclf.kfp.report_html import write_misclassified_page
     from imgclf.steps import evaluate as step
 
     cfg = config.build(
@@ -94,6 +99,7 @@ def evaluate(
     matrix = read_json(out_dir / "confusion_matrix.json")
     confusion_matrix.log_confusion_matrix(matrix["classes"], matrix["matrix"])
     shutil.copyfile(out_dir / "model_card.md", model_card.path)
+    write_misclassified_page(out_dir, Path(dataset.path), Path(misclassified.path))
     print(f"accuracy {accuracy:.4f}: {'passed' if passed else 'failed'} the quality gate")
     for reason in result["reasons"]:
         print(f"  {reason}")

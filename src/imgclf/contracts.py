@@ -30,14 +30,26 @@ IMAGES_DIR = "images"
 MANIFEST_FILE = "manifest.csv"
 DATASET_FILE = "dataset.json"
 
-MANIFEST_COLUMNS = ("path", "label", "split", "width", "height", "mode", "bytes", "sha256", "error")
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "split",
+    "width",
+    "height",
+    "mode",
+    "bytes",
+    "sha256",
+    "stored",
+    "conversion",
+    "error",
+)
 """Columns of ``manifest.csv``, in order."""
 
 MANIFEST_NUMERIC_COLUMNS = ("width", "height", "bytes")
 """The manifest columns holding integers; every other column is text (a label may be "3")."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: ingest holds one per image
 class ManifestRow:
     """One line of ``manifest.csv``; width/height/mode are None for undecodable files."""
 
@@ -50,6 +62,10 @@ class ManifestRow:
     bytes: int
     sha256: str
     error: str = ""
+    stored: str = "kept"
+    """``kept``: the source file's own bytes; ``converted``: re-encoded by ingest."""
+    conversion: str = ""
+    """Why a converted file was converted (``mode CMYK``, ``exif-orientation 6``, ...)."""
 
     def as_csv(self) -> dict[str, str]:
         """The row as CSV text fields (None becomes an empty cell)."""
@@ -251,6 +267,25 @@ def read_model_checksums(model_dir: Path) -> dict[str, str]:
 # -- evaluation dir (evaluate -> deploy) -------------------------------------------------------
 
 METRICS_FILE = "metrics.json"
+"""Flat scalars only (:data:`EVAL_METRICS_KEYS`), so that ``dvc metrics show`` fits a terminal."""
+EVAL_METRICS_KEYS = (
+    "accuracy",
+    "loss",
+    "macro_f1",
+    "top_k_accuracy",
+    "passed",
+    "champion_accuracy",
+)
+"""The keys of the evaluation's ``metrics.json``: numbers, the boolean gate, and the
+champion's accuracy (None when there is no champion or it is unknown)."""
+EVAL_REPORT_FILE = "report.json"
+"""Beside ``metrics.json``: ``top_k``, ``num_images``, ``classes``, ``per_class``
+(``{class: {precision, recall, f1, support}}``), ``confusion_matrix`` (rows actual, columns
+predicted, in ``classes`` order), ``reasons`` (the gate's), ``champion`` (``{version,
+accuracy, source}`` or None), ``model`` and ``dataset_hash``."""
+PER_CLASS_FILE = "per_class.csv"
+"""One row per class, for ``dvc plots`` (a bar chart per metric)."""
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 PREDICTIONS_FILE = "predictions.csv"
 """One row per test image: the deploy smoke test asks the server about the same files."""
 PREDICTIONS_COLUMNS = ("path", "actual", "predicted", "probability")
@@ -277,6 +312,17 @@ def read_eval_metrics(eval_dir: str | Path) -> dict[str, Any]:
     if not isinstance(metrics.get("passed"), bool):
         raise DataError(f"{path}: missing the boolean 'passed' flag")
     return metrics
+
+
+def read_eval_report(eval_dir: str | Path) -> dict[str, Any]:
+    """The evaluation's ``report.json`` (per-class scores, the gate's reasons, the champion)."""
+    path = Path(eval_dir) / EVAL_REPORT_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: evaluation report not found (rerun evaluate)")
+    report = _read_object(path)
+    if not isinstance(report.get("reasons"), list):
+        raise DataError(f"{path}: missing the list of gate 'reasons'")
+    return report
 
 
 # -- publish markers -----------------------------------------------------------------------

@@ -45,12 +45,17 @@ OUTPUT_TYPES = {
         "metrics": "system.Metrics",
     },
     "check_retrain": {},
-    "train": {"trained_model": "system.Model", "metrics": "system.Metrics"},
+    "train": {
+        "trained_model": "system.Model",
+        "metrics": "system.Metrics",
+        "training_curves": "system.HTML",
+    },
     "evaluate": {
         "evaluation": "system.Artifact",
         "metrics": "system.Metrics",
         "confusion_matrix": "system.ClassificationMetrics",
         "model_card": "system.Markdown",
+        "misclassified": "system.HTML",
     },
     "deploy": {"inference_service": "system.Artifact", "smoke_report": "system.Markdown"},
 }

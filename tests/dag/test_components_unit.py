@@ -66,10 +66,12 @@ class Chain:
     validate_metrics: dsl.Metrics
     trained_model: dsl.Model
     train_metrics: dsl.Metrics
+    training_curves: dsl.HTML
     evaluation: dsl.Artifact
     eval_metrics: dsl.Metrics
     confusion: dsl.ClassificationMetrics
     model_card: dsl.Markdown
+    misclassified: dsl.HTML
     evaluate_returned: Any
 
 
@@ -106,10 +108,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     )
     trained_model = _artifact(dsl.Model, root, "train", "trained_model")
     train_metrics = _artifact(dsl.Metrics, root, "train", "metrics")
+    training_curves = _artifact(dsl.HTML, root, "train", "training_curves")
     train.python_func(
         dataset=dataset,
         trained_model=trained_model,
         metrics=train_metrics,
+        training_curves=training_curves,
         model="simple_cnn",
         pretrained="none",
         freeze_backbone=False,
@@ -141,6 +145,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     eval_metrics = _artifact(dsl.Metrics, root, "evaluate", "metrics")
     confusion = _artifact(dsl.ClassificationMetrics, root, "evaluate", "confusion_matrix")
     model_card = _artifact(dsl.Markdown, root, "evaluate", "model_card")
+    misclassified = _artifact(dsl.HTML, root, "evaluate", "misclassified")
     returned = evaluate.python_func(
         dataset=dataset,
         trained_model=trained_model,
@@ -148,6 +153,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         metrics=eval_metrics,
         confusion_matrix=confusion,
         model_card=model_card,
+        misclassified=misclassified,
         min_accuracy=0.0,
         max_regression=1.0,
         top_k=2,
@@ -164,10 +170,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         validate_metrics,
         trained_model,
         train_metrics,
+        training_curves,
         evaluation,
         eval_metrics,
         confusion,
         model_card,
+        misclassified,
         returned,
     )
 
@@ -226,6 +234,8 @@ def test_train_publishes_the_model_dir_and_metrics(chain: Chain) -> None:
     assert chain.train_metrics.metadata["epochs_run"] == 2
     chosen = _json(model_dir / "model.json")["training"]
     assert chosen["lr_source"] == "auto" and chain.train_metrics.metadata["lr"] == chosen["lr"]
+    curves = Path(chain.training_curves.path).read_text(encoding="utf-8")
+    assert curves.startswith("<!DOCTYPE html>") and '<img src="data:image/png;base64,' in curves
     # checkpoints were written under checkpoint_root/run_id, and removed once the model was
     assert not any((chain.root / "checkpoints").glob("run-1/*.pt"))
 
@@ -250,9 +260,12 @@ def test_evaluate_returns_the_gate_and_logs_metrics(chain: Chain) -> None:
     assert chain.evaluation.metadata["champion"] is None
     matrix = chain.confusion.metadata["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == list(CLASSES)
-    assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == metrics["num_images"]
+    report = _json(Path(chain.evaluation.path) / "report.json")
+    assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == report["num_images"]
     card = Path(chain.model_card.path).read_text(encoding="utf-8")
     assert card == (Path(chain.evaluation.path) / "model_card.md").read_text(encoding="utf-8")
+    page = Path(chain.misclassified.path).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "misclassified" in page
 
 
 def test_check_retrain_then_deploy_then_nothing_to_retrain(chain: Chain, tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ train.python_func(
     dataset=dsl.Dataset(name="dataset", uri=dataset, metadata={}),
     trained_model=dsl.Model(name="trained_model", uri=out + "/trained_model", metadata={}),
     metrics=dsl.Metrics(name="metrics", uri=out + "/metrics", metadata={}),
+    training_curves=dsl.HTML(name="training_curves", uri=out + "/curves", metadata={}),
     **args,
 )
 """
@@ -116,6 +117,9 @@ def test_a_retried_train_task_resumes_from_the_killed_attempt(
             dataset=dsl.Dataset(name="dataset", uri=str(dataset), metadata={}),
             trained_model=trained_model,
             metrics=metrics,
+            training_curves=dsl.HTML(
+                name="training_curves", uri=str(tmp_path / "attempt-2" / "curves"), metadata={}
+            ),
             **args,
         )
     resumed = [r.getMessage() for r in caplog.records if "resuming from epoch" in r.getMessage()]

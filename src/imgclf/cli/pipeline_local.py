@@ -69,6 +69,8 @@ def _print_training_summary(result: dict[str, Any]) -> None:
     for key, label in (
         ("model", "model"),
         ("evaluation", "evaluation"),
+        ("training_curves", "curves html"),
+        ("misclassified", "misclassified"),
         ("inference_service", "kserve yaml"),
     ):
         if summary[key]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from imgclf.contracts import METRICS_FILE
+from imgclf.contracts import EVAL_REPORT_FILE, METRICS_FILE
 from imgclf.kfp.errors import RunFailed
 from imgclf.kfp.local_patches import capture_run_output, conditions_on_named_outputs
 from imgclf.kfp.params import parse_params
@@ -341,7 +341,8 @@ def training_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     ``retrain`` and ``reason`` from check-retrain; ``accuracy``, ``loss``, ``passed`` and
     ``gate_reasons`` from evaluate; ``version`` and ``promoted`` from deploy; and the paths
-    of the model, evaluation and InferenceService outputs.
+    of the model, evaluation and InferenceService outputs and of the HTML pages the KFP UI
+    shows (``training_curves``, ``misclassified``).
     A value is None when its task did not run.
     """
     run = Path(run_dir)
@@ -350,6 +351,8 @@ def training_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     deploy = _task_parameters(run, "deploy") or {}
     metrics_path = run / "evaluate" / "evaluation" / METRICS_FILE
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    report_path = metrics_path.with_name(EVAL_REPORT_FILE)
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
 
     def existing(*parts: str) -> str | None:
         path = run.joinpath(*parts)
@@ -362,11 +365,13 @@ def training_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "accuracy": metrics.get("accuracy", evaluate.get("accuracy")),
         "loss": metrics.get("loss"),
         "passed": evaluate.get("passed"),
-        "gate_reasons": list(metrics.get("reasons", [])),
+        "gate_reasons": list(report.get("reasons", [])),
         "version": deploy.get("version"),
         "promoted": deploy.get("promoted"),
         "model": existing("train", "trained_model"),
         "evaluation": existing("evaluate", "evaluation"),
+        "training_curves": existing("train", "training_curves"),
+        "misclassified": existing("evaluate", "misclassified"),
         "inference_service": existing("deploy", "inference_service"),
     }
 

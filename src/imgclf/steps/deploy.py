@@ -1,12 +1,13 @@
 """Deploy step: publish a model that passed the quality gate, move the alias, render KServe.
 
 Inputs are the model dir (train) and the eval dir (evaluate). When ``metrics.json`` says
-``passed``, the model becomes a new registry version, ``registry.alias`` (``production``)
-moves to it, and ``inferenceservice.yaml`` is rendered for that version. When it did not
-pass, nothing is published or promoted; ``deploy.json`` still records why (DVC and KFP need
-the output), and the manifest written is the one of the *current* alias version if there is
-one, so ``kubectl apply -f`` on the output is always safe: it re-asserts what is serving
-instead of deploying the rejected model, and is absent when nothing was ever promoted.
+``passed`` (the gate's reasons are in ``report.json``), the model becomes a new registry
+version, ``registry.alias`` (``production``) moves to it, and ``inferenceservice.yaml`` is
+rendered for that version. When it did not pass, nothing is published or promoted;
+``deploy.json`` still records why (DVC and KFP need the output), and the manifest written is
+the one of the *current* alias version if there is one, so ``kubectl apply -f`` on the
+output is always safe: it re-asserts what is serving instead of deploying the rejected
+model, and is absent when nothing was ever promoted.
 
 Reruns are idempotent: the weights' sha256 identifies the model, so when the alias already
 holds it nothing is published, and when an earlier run published it but stopped before
@@ -35,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import DeployConfig, RegistryConfig, ServeConfig, to_dict
-from imgclf.contracts import WEIGHTS_FILE, model_dir_checksums, read_eval_metrics, read_model_json
+from imgclf.contracts import (
+    WEIGHTS_FILE,
+    model_dir_checksums,
+    read_eval_metrics,
+    read_eval_report,
+    read_model_json,
+)
 from imgclf.errors import DataError, DeployError
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.registry import ModelRegistry, VersionInfo
@@ -158,6 +165,7 @@ def _publish_and_promote(
     registry: RegistryConfig,
     model_dir: Path,
     metrics: dict[str, Any],
+    reasons: list[str],
     model_json: dict[str, Any],
     checksums: dict[str, str],
     canary_percent: int = 0,
@@ -169,11 +177,12 @@ def _publish_and_promote(
     Weights already in the registry are reused rather than published twice. Weights that
     a rollback took off the alias are not put back by a rerun: that needs an explicit
     ``imgclf registry promote``. ``checksums`` (every file of the model dir) identify the
-    model and go into the registry's marker without hashing the files again.
+    model and go into the registry's marker without hashing the files again. ``metrics``
+    (the flat ``metrics.json``) is what the registry records; ``reasons`` are the gate's.
     """
     name, alias = registry.model_name, registry.alias
     model_sha256 = checksums[WEIGHTS_FILE]
-    reasons = [str(r) for r in metrics.get("reasons") or []]
+    reasons = [str(r) for r in reasons]
     alias_doc = reg.alias_doc(name, alias) or {}
     current = alias_doc.get("version")
     existing = reg.find_by_sha256(name, model_sha256)
@@ -264,6 +273,7 @@ def run(
     model_dir, eval_dir, out_dir = Path(model_dir), Path(eval_dir), Path(out_dir)
     serve = serve or ServeConfig()
     metrics = read_eval_metrics(eval_dir)
+    gate_reasons = read_eval_report(eval_dir)["reasons"]
     model_json = read_model_json(model_dir)
     checksums = model_dir_checksums(model_dir)
     if WEIGHTS_FILE not in checksums:
@@ -279,10 +289,17 @@ def run(
         smoke = _smoke(cfg, serve, registry, model_dir, eval_dir, dataset_dir)
     if metrics["passed"] and smoke is not None and smoke["passed"]:
         target, published, promoted, reasons, canary = _publish_and_promote(
-            reg, registry, model_dir, metrics, model_json, checksums, cfg.canary_percent
+            reg,
+            registry,
+            model_dir,
+            metrics,
+            gate_reasons,
+            model_json,
+            checksums,
+            cfg.canary_percent,
         )
     else:
-        reasons = list(metrics.get("reasons") or ["evaluation did not pass"])
+        reasons = list(gate_reasons or ["evaluation did not pass"])
         if smoke is not None:
             reasons += [f"smoke test: {r}" for r in smoke["reasons"]]
         target, published, promoted = reg.alias(name, alias), False, False

@@ -8,6 +8,11 @@ split whenever its classes match, because accuracies measured on different test 
 comparable (a harder new test split would otherwise block every challenger, an easier one
 would wave a regression through). Only when that is impossible (other classes, missing
 model) is the champion's recorded accuracy used. Every decision is explained in ``reasons``.
+
+The evaluation dir keeps ``metrics.json`` to flat scalars (what ``dvc metrics show`` and
+``dvc exp show`` list); the per-class scores, the confusion matrix, the reasons and the
+champion go to ``report.json`` beside it, and ``per_class.csv`` is the per-class bar chart
+of ``dvc plots`` (see :mod:`imgclf.contracts`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from imgclf import config as config_mod
 from imgclf.config import EvaluateConfig, RegistryConfig
 from imgclf.contracts import (
     DATASET_FILE,
+    EVAL_REPORT_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    PER_CLASS_COLUMNS,
+    PER_CLASS_FILE,
     PREDICTIONS_COLUMNS,
     PREDICTIONS_FILE,
     read_dataset_info,
@@ -214,8 +222,9 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` on the test split of ``dataset_dir``; write the evaluation dir.
 
-    Returns the ``metrics.json`` content; ``passed`` is the gate decision. A failed gate is
-    a result, not an error: deploy reads ``passed`` and refuses to promote.
+    Returns the ``metrics.json`` scalars together with the ``report.json`` content (their
+    keys do not overlap); ``passed`` is the gate decision. A failed gate is a result, not an
+    error: deploy reads ``passed`` and refuses to promote.
     """
     from imgclf.training import engine
 
@@ -237,12 +246,17 @@ def run(
     metrics = {
         "accuracy": result["accuracy"],
         "loss": result["loss"],
-        "top_k": result["top_k"],
-        "top_k_accuracy": result["top_k_accuracy"],
-        "per_class": breakdown["per_class"],
         "macro_f1": breakdown["macro_f1"],
-        "num_images": result["images"],
+        "top_k_accuracy": result["top_k_accuracy"],
         "passed": passed,
+        "champion_accuracy": champion["accuracy"] if champion else None,
+    }
+    report = {
+        "top_k": result["top_k"],
+        "num_images": result["images"],
+        "classes": classes,
+        "per_class": breakdown["per_class"],
+        "confusion_matrix": breakdown["matrix"],
         "reasons": reasons,
         "champion": champion,
         "model": {
@@ -254,23 +268,32 @@ def run(
     }
     for reason in reasons:
         log.info("gate: %s", reason)
-    _write_eval_dir(
-        Path(out_dir), metrics, breakdown["matrix"], result, classes, meta, model_dir, cfg, registry
+    _write_eval_dir(Path(out_dir), metrics, report, result, meta, model_dir, cfg, registry)
+    return {**metrics, **report}
+
+
+def _per_class_csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_CLASS_COLUMNS)
+    writer.writerows(
+        (name, f"{m['precision']:.6f}", f"{m['recall']:.6f}", f"{m['f1']:.6f}", m["support"])
+        for name, m in report["per_class"].items()
     )
-    return metrics
+    return buf.getvalue()
 
 
 def _write_eval_dir(
     out_dir: Path,
     metrics: dict[str, Any],
-    matrix: list[list[int]],
+    report: dict[str, Any],
     result: dict[str, Any],
-    classes: list[str],
     meta: dict[str, Any],
     model_dir: Path,
     cfg: EvaluateConfig,
     registry: RegistryConfig,
 ) -> None:
+    classes = report["classes"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
@@ -293,10 +316,15 @@ def _write_eval_dir(
     )
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / METRICS_FILE, metrics)
+        write_json(tmp / EVAL_REPORT_FILE, report)
+        write_text(tmp / PER_CLASS_FILE, _per_class_csv(report))
         write_text(tmp / "confusion.csv", buf.getvalue())
         write_text(tmp / PREDICTIONS_FILE, per_file.getvalue())
-        write_json(tmp / "confusion_matrix.json", {"classes": classes, "matrix": matrix})
-        write_text(tmp / "model_card.md", model_card(metrics, meta))
+        write_json(
+            tmp / "confusion_matrix.json",
+            {"classes": classes, "matrix": report["confusion_matrix"]},
+        )
+        write_text(tmp / "model_card.md", model_card(metrics, report, meta))
         if (model_dir / "history.csv").is_file():
             shutil.copyfile(model_dir / "history.csv", tmp / "history.csv")
         write_json(
@@ -305,7 +333,7 @@ def _write_eval_dir(
         )
 
 
-def model_card(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
+def model_card(metrics: dict[str, Any], report: dict[str, Any], meta: dict[str, Any]) -> str:
     """A short markdown model card: what the model is, what it was tested on, the gate."""
     pretrained = meta.get("params", {}).get("pretrained", "none")
     classes = ", ".join(f"`{c}`" for c in meta["classes"])
@@ -322,12 +350,12 @@ def model_card(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
         f"- code commit `{meta.get('git_commit', 'unknown')}`",
         f"- created {meta.get('created_at', '')} with torch {meta.get('torch_version', '')}",
         "",
-        f"## Test metrics (dataset `{metrics['dataset_hash']}`, {metrics['num_images']} images)",
+        f"## Test metrics (dataset `{report['dataset_hash']}`, {report['num_images']} images)",
         "",
         "| metric | value |",
         "|---|---|",
         f"| accuracy | {metrics['accuracy']:.4f} |",
-        f"| top-{metrics['top_k']} accuracy | {metrics['top_k_accuracy']:.4f} |",
+        f"| top-{report['top_k']} accuracy | {metrics['top_k_accuracy']:.4f} |",
         f"| loss | {metrics['loss']:.4f} |",
         f"| macro F1 | {metrics['macro_f1']:.4f} |",
         "",
@@ -338,8 +366,8 @@ def model_card(metrics: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     lines += [
         f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
-        for name, m in metrics["per_class"].items()
+        for name, m in report["per_class"].items()
     ]
     lines += ["", f"## Gate: {'PASSED' if metrics['passed'] else 'FAILED'}", ""]
-    lines += [f"- {reason}" for reason in metrics["reasons"]]
+    lines += [f"- {reason}" for reason in report["reasons"]]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ a one-cycle schedule over a budget that scales with the data, early stopping on 
 validation split, and the best epoch kept. The model dir holds everything serving and
 evaluation need: safetensors weights, a ``torch.export`` program with a dynamic batch
 dimension, ``model.json`` (inputs, normalisation, classes, chosen lr, lineage, metrics) and
-the LR range test's curve. ``lr_find`` runs the range test alone.
+the LR range test's curve. ``lr_find`` runs the range test alone. With a ``live_dir``, each
+epoch is also logged through DVCLive (:mod:`imgclf.training.live`) for ``dvc exp show``.
 
 Training is preemption-safe (:mod:`imgclf.training.checkpoint`): checkpoints go to
 ``train.checkpoint_dir`` every ``train.checkpoint_every_steps`` steps and at each epoch end,
@@ -48,6 +49,7 @@ from imgclf.errors import DataError, Preempted
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.training import checkpoint, distributed, engine, lr_finder, recipe
 from imgclf.training.export import export_program
+from imgclf.training.live import EpochLog
 from imgclf.training.models import (
     check_model_name,
     create_model,
@@ -301,8 +303,10 @@ class _Training:
         optimizer: torch.optim.Optimizer,
         store: checkpoint.CheckpointStore | None,
         extra: dict[str, Any],
+        live: EpochLog | None = None,
     ) -> None:
         self.cfg, self.setup, self.optimizer, self.store = cfg, setup, optimizer, store
+        self.live = live
         # Stored in every checkpoint (the chosen rates, the LR sweep) so a resumed run does
         # not repeat the LR range test.
         self.extra = extra
@@ -320,6 +324,7 @@ class _Training:
         self.progress: engine.EpochProgress | None = None
         self.data_order: torch.Tensor | None = None  # loader generator at the epoch's start
         self.stop = checkpoint.StopRequest()
+        self.writer = checkpoint.BackgroundWriter(store) if store is not None else None
 
     @property
     def _generator(self) -> torch.Generator | None:
@@ -338,11 +343,22 @@ class _Training:
         if setup.freeze_epochs and not self.done and self.epoch <= setup.freeze_epochs:
             setup.set_backbone_trainable(False)
             log.info("training the head only for the first %d epoch(s)", setup.freeze_epochs)
+        if self.live is not None:  # a resumed run's epochs, as an uninterrupted run logged them
+            for row in self.history:
+                self.live.log_epoch(row)
         guard = checkpoint.stop_on_sigterm() if self.store else contextlib.nullcontext()
-        with guard as stop:
-            self.stop = stop or self.stop
-            while not self.done:
-                self._epoch(self.epoch)
+        try:
+            with guard as stop:
+                self.stop = stop or self.stop
+                while not self.done:
+                    self._epoch(self.epoch)
+        except BaseException:
+            if self.writer is not None:  # finish the last write; the first error is the news
+                with contextlib.suppress(Exception):
+                    self.writer.close()
+            raise
+        if self.writer is not None:
+            self.writer.close()  # the last checkpoint is complete before anything else
         set_backbone_trainable(setup.model, True)
 
     def _epoch(self, epoch: int) -> None:
@@ -376,6 +392,8 @@ class _Training:
             desc="val",
         )
         self.history.append(_history_row(epoch, train_m, val_m))
+        if self.live is not None:
+            self.live.log_epoch(self.history[-1])
         log.info(
             "epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
             epoch,
@@ -390,9 +408,11 @@ class _Training:
                 "early stop after epoch %d: val stalled for %d epochs", epoch, self.tracker.stale
             )
         self.epoch, self.done = epoch + 1, stalled or epoch >= self.epochs
-        if self.store is not None:
-            path = self._save(None)
-            if self._stop_requested() and not self.done:
+        # After the last epoch there is nothing left to resume: the model dir comes next.
+        if self.store is not None and not self.done:
+            stopping = self._stop_requested()
+            path = self._save(None, final=stopping)
+            if stopping:
                 raise Preempted(_preempted_message(self.store.where(path)))
 
     def _stop_requested(self) -> bool:
@@ -404,16 +424,20 @@ class _Training:
         self.global_step += 1
         if self._stop_requested():
             assert self.store is not None
-            path = self._save(progress)
+            path = self._save(progress, final=True)
             raise Preempted(_preempted_message(self.store.where(path)))
         every = self.cfg.checkpoint_every_steps
         # The last step of an epoch is left to the epoch-end checkpoint that follows.
         if every > 0 and self.global_step % every == 0 and progress.step < self.steps_per_epoch:
             self._save(progress)
 
-    def _save(self, progress: engine.EpochProgress | None) -> Path:
-        """Write a checkpoint (rank 0; every rank takes part, handing over its own RNG
-        states, data order and partial sums) and return its path once it is complete."""
+    def _save(self, progress: engine.EpochProgress | None, *, final: bool = False) -> Path:
+        """Checkpoint (rank 0 writes; every rank takes part, handing over its own RNG
+        states, data order and partial sums) and return the path.
+
+        The file is written in the background; ``final`` (the run stops: preempted) waits
+        until it is complete on every rank's behalf before anyone exits.
+        """
         assert self.store is not None
         mine = {
             "progress": _progress_state(progress),
@@ -425,7 +449,10 @@ class _Training:
         path = self.store.path_for(self.global_step, epoch_end=progress is None)
         if ranks is not None:
             path = self._write(progress, ranks)
-        distributed.barrier()  # no rank exits (Preempted) before the file is complete
+        if final:
+            if self.writer is not None:
+                self.writer.wait()
+            distributed.barrier()  # no rank exits (Preempted) before the file is complete
         return path
 
     def _write(self, progress: engine.EpochProgress | None, ranks: list[dict[str, Any]]) -> Path:
@@ -445,7 +472,8 @@ class _Training:
             "ranks": ranks,
             "extra": self.extra,
         }
-        return self.store.save(state, global_step=self.global_step, epoch_end=progress is None)
+        assert self.writer is not None
+        return self.writer.submit(state, global_step=self.global_step, epoch_end=progress is None)
 
     def _generator_state(self) -> torch.Tensor | None:
         generator = self._generator
@@ -543,7 +571,9 @@ def _choose_rates(
     return rates, sweep
 
 
-def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path, live_dir: Path | None = None
+) -> dict[str, Any]:
     """Train on ``dataset_dir`` (train/val splits) and write the model dir ``out_dir``.
 
     The weights of the best validation epoch are the ones saved (see ``EarlyStopping``).
@@ -554,14 +584,19 @@ def run(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path) -> dict[str, Any]
     Started by torchrun (see :mod:`imgclf.steps.train_launch`), it is one rank of a
     DistributedDataParallel job: every rank trains on its shard, and rank 0 alone chooses
     the learning rate, writes checkpoints and writes ``out_dir``.
+
+    With ``live_dir``, rank 0 logs every epoch there through DVCLive (the DVC stage's
+    per-epoch metrics and plots); ``history.csv`` in the model dir holds the same rows.
     """
     try:
-        return _run(cfg, Path(dataset_dir), Path(out_dir))
+        return _run(cfg, Path(dataset_dir), Path(out_dir), live_dir)
     finally:
         distributed.shutdown()
 
 
-def _run(cfg: TrainConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def _run(
+    cfg: TrainConfig, dataset_dir: Path, out_dir: Path, live_dir: Path | None
+) -> dict[str, Any]:
     setup = _Setup(cfg, dataset_dir)
     log.info(
         "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
@@ -587,10 +622,13 @@ def _run(cfg: TrainConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
         rates, sweep = distributed.broadcast(chosen)
     extra = {"rates": rates, "sweep": dataclasses.asdict(sweep) if sweep else None}
     optimizer = setup.optimizer(rates["lr"], rates["backbone_lr"])
-    training = _Training(cfg, setup, optimizer, store, extra)
+    live = EpochLog(Path(live_dir)) if live_dir is not None and setup.ctx.is_main else None
+    training = _Training(cfg, setup, optimizer, store, extra, live)
     if loaded is not None:
         training.restore(loaded)
     training.fit()
+    if live is not None:
+        live.close()
     tracker = training.tracker
     assert tracker.best is not None  # epochs >= 1
     model = setup.model.to("cpu", memory_format=torch.contiguous_format)

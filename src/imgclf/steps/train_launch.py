@@ -48,8 +48,16 @@ def check_nproc(nproc: int) -> None:
         raise ConfigError(f"--nproc {nproc}: must be between 1 and {MAX_NPROC}")
 
 
-def launch(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path, nproc: int) -> dict[str, Any]:
-    """Train with ``nproc`` processes on this machine; returns ``model.json`` like ``run``.
+def launch(
+    cfg: TrainConfig,
+    *,
+    dataset_dir: Path,
+    out_dir: Path,
+    nproc: int,
+    live_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Train with ``nproc`` processes on this machine; returns ``model.json`` like ``run``
+    (rank 0 logs to ``live_dir`` through DVCLive when given).
 
     The ranks rendezvous on a free loopback port (torchrun's ``--standalone``); on CPU they
     use gloo, on CUDA NCCL with one GPU per rank. ``train.batch_size`` is per process.
@@ -75,6 +83,8 @@ def launch(cfg: TrainConfig, *, dataset_dir: Path, out_dir: Path, nproc: int) ->
         settings = Path(tmp) / "train.json"
         write_json(settings, config_mod.to_dict(cfg))
         args = ["-m", __name__, str(settings), str(dataset_dir), str(out_dir)]
+        if live_dir is not None:
+            args += ["--live", str(live_dir)]
         try:
             elastic_launch(launch_cfg, sys.executable)(*args)
         except SignalException as exc:
@@ -110,6 +120,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("settings")
     parser.add_argument("dataset_dir")
     parser.add_argument("out_dir")
+    parser.add_argument("--live", default=None)
     args = parser.parse_args(argv)
     from imgclf.steps import train
     from imgclf.training import distributed
@@ -125,7 +136,12 @@ def _worker(argv: list[str]) -> int:
     )
     cfg = config_mod.build(TrainConfig, read_json(Path(args.settings)), "train (launcher)")
     try:
-        train.run(cfg, dataset_dir=Path(args.dataset_dir), out_dir=Path(args.out_dir))
+        train.run(
+            cfg,
+            dataset_dir=Path(args.dataset_dir),
+            out_dir=Path(args.out_dir),
+            live_dir=Path(args.live) if args.live else None,
+        )
     except ImgclfError as exc:
         print(f"imgclf train (rank {ctx.rank}): {exc}", file=sys.stderr)
         return exc.exit_code

@@ -73,7 +73,9 @@ def test_metrics_and_outputs(dataset_dir: Path, good_model: Path, tmp_path: Path
         OPEN_GATE, registry, dataset_dir=dataset_dir, model_dir=good_model, out_dir=out
     )
 
-    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    flat = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert {**flat, **report} == json.loads(json.dumps(metrics))
     assert metrics["passed"] is True and metrics["champion"] is None
     assert any("no production champion" in r for r in metrics["reasons"])
     assert metrics["accuracy"] >= 0.9
