@@ -175,6 +175,7 @@ def build_pipeline(
         max_steps_per_epoch: int = trn["max_steps_per_epoch"],
         checkpoint_root: str = trn["checkpoint_dir"],
         checkpoint_every_steps: int = trn["checkpoint_every_steps"],
+        checkpoint_min_interval_s: float = trn["checkpoint_min_interval_s"],
         keep_checkpoints: int = trn["keep_checkpoints"],
         min_accuracy: float = ev["min_accuracy"],
         max_regression: float = ev["max_regression"],
@@ -236,6 +237,7 @@ def build_pipeline(
             checkpoint_root: Object-store prefix of train checkpoints; each run keeps its own
                 under its run id, so a retried (preempted) train task resumes ('' disables).
             checkpoint_every_steps: Optimizer steps between checkpoints (0: epoch ends only).
+            checkpoint_min_interval_s: Seconds at least between scheduled checkpoints.
             keep_checkpoints: Newest checkpoints kept per run.
             min_accuracy: Lowest test accuracy that may be deployed.
             max_regression: Largest accuracy drop allowed against production.
@@ -329,6 +331,7 @@ def build_pipeline(
                 max_steps_per_epoch=max_steps_per_epoch,
                 checkpoint_root=checkpoint_root,
                 checkpoint_every_steps=checkpoint_every_steps,
+                checkpoint_min_interval_s=checkpoint_min_interval_s,
                 keep_checkpoints=keep_checkpoints,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 **where,

@@ -36,6 +36,7 @@ SETTINGS: dict[str, Any] = {
     "num_workers": 0,
     "threads": 1,
     "checkpoint_every_steps": 2,
+    "checkpoint_min_interval_s": 0,
     "keep_checkpoints": 2,
 }
 

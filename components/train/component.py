@@ -34,6 +34,7 @@ def train(
     max_steps_per_epoch: int,
     checkpoint_root: str,
     checkpoint_every_steps: int,
+    checkpoint_min_interval_s: float,
     keep_checkpoints: int,
     run_id: str,
     nproc_per_node: int,
@@ -76,6 +77,8 @@ def train(
         checkpoint_root: Object-store prefix (or local dir) of checkpoints, one folder per
             run; empty turns checkpoints off.
         checkpoint_every_steps: Optimizer steps between checkpoints (0: epoch ends only).
+        checkpoint_min_interval_s: Seconds at least between scheduled checkpoints
+            (SIGTERM always writes one).
         keep_checkpoints: Newest checkpoints kept per run.
         run_id: The KFP run's id (the pipeline passes its placeholder): retries share it.
         nproc_per_node: Training processes in this pod, one per GPU (1: no DDP).
@@ -129,6 +132,7 @@ def train_job(
     max_steps_per_epoch: int,
     checkpoint_root: str,
     checkpoint_every_steps: int,
+    checkpoint_min_interval_s: float,
     keep_checkpoints: int,
     run_id: str,
     image: str,
@@ -164,6 +168,8 @@ def train_job(
         max_steps_per_epoch: Cap on batches per epoch (0: whole epoch); for smoke runs.
         checkpoint_root: Object-store prefix of checkpoints, one folder per run ('': off).
         checkpoint_every_steps: Optimizer steps between checkpoints (0: epoch ends only).
+        checkpoint_min_interval_s: Seconds at least between scheduled checkpoints
+            (SIGTERM always writes one).
         keep_checkpoints: Newest checkpoints kept per run.
         run_id: KFP run id; names the job, so a retried task waits for the same job, and
             the checkpoint folder, so a job restarted by its own backoff resumes.

@@ -136,6 +136,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         max_steps_per_epoch=3,
         checkpoint_root=str(root / "checkpoints"),
         checkpoint_every_steps=2,
+        checkpoint_min_interval_s=0.0,
         keep_checkpoints=2,
         run_id="run-1",
         nproc_per_node=1,

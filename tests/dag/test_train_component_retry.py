@@ -48,6 +48,7 @@ ARGS: dict[str, Any] = {
     "threads": 1,
     "max_steps_per_epoch": 0,
     "checkpoint_every_steps": 2,
+    "checkpoint_min_interval_s": 0.0,
     "keep_checkpoints": 2,
     "run_id": RUN_ID,
     "nproc_per_node": 1,

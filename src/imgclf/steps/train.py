@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,8 +293,9 @@ class _Training:
     stalls; checkpointed so that a killed or preempted run resumes where it was.
 
     Checkpoints are written every ``train.checkpoint_every_steps`` optimizer steps and at
-    every epoch end; SIGTERM (while :func:`checkpoint.stop_on_sigterm` is active) writes one
-    after the current batch and raises :class:`Preempted`.
+    every epoch end, but at most once per ``train.checkpoint_min_interval_s``; SIGTERM (while
+    :func:`checkpoint.stop_on_sigterm` is active) always writes one after the current batch
+    and raises :class:`Preempted`.
     """
 
     def __init__(
@@ -325,6 +327,7 @@ class _Training:
         self.data_order: torch.Tensor | None = None  # loader generator at the epoch's start
         self.stop = checkpoint.StopRequest()
         self.writer = checkpoint.BackgroundWriter(store) if store is not None else None
+        self.last_save = time.monotonic()
 
     @property
     def _generator(self) -> torch.Generator | None:
@@ -411,7 +414,8 @@ class _Training:
         # After the last epoch there is nothing left to resume: the model dir comes next.
         if self.store is not None and not self.done:
             stopping = self._stop_requested()
-            path = self._save(None, final=stopping)
+            if stopping or self._due():
+                path = self._save(None, final=stopping)
             if stopping:
                 raise Preempted(_preempted_message(self.store.where(path)))
 
@@ -428,8 +432,15 @@ class _Training:
             raise Preempted(_preempted_message(self.store.where(path)))
         every = self.cfg.checkpoint_every_steps
         # The last step of an epoch is left to the epoch-end checkpoint that follows.
-        if every > 0 and self.global_step % every == 0 and progress.step < self.steps_per_epoch:
+        scheduled = every > 0 and self.global_step % every == 0
+        if scheduled and progress.step < self.steps_per_epoch and self._due():
             self._save(progress)
+
+    def _due(self) -> bool:
+        """Whether ``train.checkpoint_min_interval_s`` has passed since the last checkpoint
+        (on any rank, so that all take part in the same checkpoints)."""
+        waited = time.monotonic() - self.last_save
+        return distributed.any_rank(waited >= self.cfg.checkpoint_min_interval_s)
 
     def _save(self, progress: engine.EpochProgress | None, *, final: bool = False) -> Path:
         """Checkpoint (rank 0 writes; every rank takes part, handing over its own RNG
@@ -439,6 +450,7 @@ class _Training:
         until it is complete on every rank's behalf before anyone exits.
         """
         assert self.store is not None
+        self.last_save = time.monotonic()
         mine = {
             "progress": _progress_state(progress),
             "rng": engine.rng_states(),

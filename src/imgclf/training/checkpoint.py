@@ -55,7 +55,9 @@ FORMAT = 2  # 2: per-rank RNG states, data order and partial sums under "ranks"
 CHECKPOINT_SUFFIX = ".pt"
 SIDECAR_SUFFIX = ".json"
 # Settings that say where and how often to checkpoint, not what is trained.
-NOT_IN_RUN_KEY = frozenset({"checkpoint_dir", "checkpoint_every_steps", "keep_checkpoints"})
+NOT_IN_RUN_KEY = frozenset(
+    {"checkpoint_dir", "checkpoint_every_steps", "checkpoint_min_interval_s", "keep_checkpoints"}
+)
 _KEY_CHARS = 16
 
 

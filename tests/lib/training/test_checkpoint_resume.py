@@ -217,3 +217,35 @@ def test_in_process_preemption_with_auto_lr_resumes_without_a_new_sweep(
 def _history(model_dir: Path) -> list[dict[str, str]]:
     with open(model_dir / "history.csv", encoding="utf-8") as fh:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize(("interval", "expect_saves"), [(0.0, True), (3600.0, False)])
+def test_scheduled_checkpoints_wait_for_the_min_interval(
+    dataset_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    interval: float,
+    expect_saves: bool,
+) -> None:
+    """Every step and epoch end is a checkpoint opportunity; the interval decides."""
+    from imgclf.steps import train
+
+    saved: list[int] = []
+    save = checkpoint.CheckpointStore.save
+
+    def counting(self: checkpoint.CheckpointStore, *args: Any, **kwargs: Any) -> Path:
+        saved.append(kwargs["global_step"])
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "save", counting)
+    cfg = TrainConfig(
+        **{
+            **runs.SETTINGS,
+            "epochs": 2,
+            "checkpoint_every_steps": 1,
+            "checkpoint_min_interval_s": interval,
+            "checkpoint_dir": str(tmp_path / "checkpoints"),
+        }
+    )
+    train.run(cfg, dataset_dir=dataset_dir, out_dir=tmp_path / "model")
+    assert bool(saved) is expect_saves, saved
