@@ -22,10 +22,34 @@ peak + the sum of the workers' peaks: an upper bound of the real combined peak, 
 peaks need not coincide and spawned workers share no pages with the parent (a peak reached
 in a worker's last 0.1 s is missed). The ratio uses that total.
 
-The script prints numbers from one run; nothing is asserted about time. Exit status 1 when a
-check prints FAIL.
+Ingest also writes the tar shards (``ingest.shards``, the default), so its images/s include
+them; the line also gives the shards' bytes over the source's.
 
-    python benchmarks/dataset_scale.py --only ingest
+publish
+    The largest ingested dataset goes to a real SeaweedFS (``imgclf.dev.seaweed``, started
+    on loopback for the run) three ways, each with ``manifest.csv`` and ``dataset.json``:
+    (a) one object per image with the minio SDK's ``fput_object`` in a loop (what a script
+    without our store does), (b) one object per image with ``S3Store.upload_tree`` (parallel
+    files), (c) as shards: ``shards/`` + ``shards.json`` with ``S3Store.upload_tree``
+    (multipart, parallel). Printed: objects, seconds, MB/s, the ratios; PASS when (c) is
+    at least 10x faster than (a) (the issue's acceptance). The shards are then downloaded
+    with ``S3Store.download_tree`` and checked with ``verify_shards``.
+
+train
+    The train split's data path, images/s of decoded and transformed samples in batches
+    (``train`` settings of params.yaml: ``image_size``, ``augment``, loader ``auto``):
+    from the ``images/`` tree (``ManifestDataset`` + ``ClassificationPresetTrain`` +
+    ``make_loader``, as ``benchmarks/train_throughput.py`` measures it), from the local
+    shards and from the shards on SeaweedFS. The shards are read with
+    ``imgclf.data.shard_reader`` when it exists, else streamed with :mod:`tarfile` in one
+    process in shard order (decode and transform as ``ManifestDataset`` does them): the
+    output says which.
+
+The script prints numbers from one run; nothing is asserted about time but the publish
+ratio. Exit status 1 when a check prints FAIL.
+
+    python benchmarks/dataset_scale.py                    # everything, 5,000 and 20,000
+    python benchmarks/dataset_scale.py --images 2000      # a quick try: 500 and 2,000
     python benchmarks/dataset_scale.py --only ingest --sizes 500 2000 --workers 2
 """
 
@@ -33,14 +57,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
+import importlib.util
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +83,8 @@ ROTATED_EVERY = 20  # i % 20 == 0: orientation 6 (must be converted)
 TAGGED_UPRIGHT_AT = 10  # i % 20 == 10: orientation 1 (kept: nothing to rotate)
 MAX_BYTES_RATIO = 1.05
 MAX_RSS_RATIO = 1.2
+MIN_PUBLISH_RATIO = 10.0
+BATCH = 64
 _GEN_CHUNK = 250
 
 
@@ -69,13 +101,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sizes", type=int, nargs="+", default=[5000, 20000], help="images (5000 20000)"
     )
+    p.add_argument(
+        "--images",
+        type=int,
+        help="shorthand for --sizes N/4 N (publish and train use the largest size)",
+    )
     p.add_argument("--classes", type=int, default=8, help="classes of the dataset (8)")
     p.add_argument("--workers", default="auto", help="ingest.workers (auto)")
     p.add_argument(
         "--workdir", type=Path, help="keep generated data here (default: a temp dir, removed)"
     )
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.images:
+        args.sizes = [max(1, args.images // 4), args.images]
+    return args
 
 
 # -- the synthetic photo dataset ------------------------------------------------------------
@@ -200,9 +240,19 @@ def _compare_with_source(source: Path, dataset: Path) -> dict[str, Any]:
     identical = sum(
         1 for r in rows if r["sha256"] == _sha256(by_name[(r["label"], Path(r["path"]).stem)])
     )
+    shards = (
+        json.loads((dataset / "shards.json").read_text())
+        if (dataset / "shards.json").is_file()
+        else None
+    )
     return {
         "source_bytes": sum(p.stat().st_size for p in by_name.values()),
         "output_bytes": sum(int(r["bytes"]) for r in rows),
+        "shard_bytes": sum(
+            shard["bytes"]
+            for split in (shards or {}).get("splits", {}).values()
+            for shard in split["shards"]
+        ),
         "identical": identical,
         "converted": sum(1 for r in rows if r["stored"] == "converted"),
     }
@@ -243,7 +293,8 @@ def measure_ingest(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         print(
             f"ingest {n:>6} images, {r['workers']} worker(s): {r['seconds']:.1f}s, "
             f"{n / r['seconds']:.0f} images/s; output/source bytes {ratio:.3f} "
-            f"({verdict} <= {MAX_BYTES_RATIO}); byte-identical {r['identical'] / n:.1%}, "
+            f"({verdict} <= {MAX_BYTES_RATIO}), shards/source "
+            f"{r['shard_bytes'] / r['source_bytes']:.3f}; byte-identical {r['identical'] / n:.1%}, "
             f"converted {r['converted'] / n:.1%}; peak RSS {r['own_peak_mib']:.0f} MiB own + "
             f"workers [{', '.join(f'{w:.0f}' for w in r['worker_peaks_mib'])}] MiB = "
             f"{r['total_peak_mib']:.0f} MiB",
@@ -274,10 +325,310 @@ def _subset(full: Path, root: Path, n: int) -> Path:
     return root
 
 
-MEASUREMENTS: dict[str, Callable[[argparse.Namespace, Path], tuple[dict[str, Any], bool]]] = {
-    "ingest": measure_ingest,
-}
-"""Name -> measurement; each returns (results for --json, whether its checks passed)."""
+# -- S3: one SeaweedFS for the run ---------------------------------------------------------
+
+_S3: dict[str, Any] = {}
+"""The run's server, store and SDK client, started on first use (:func:`s3`)."""
+
+
+def s3(workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """``{"store": S3Store, "sdk": Minio, "bucket": str}`` on a SeaweedFS started for the run
+    (volumes of 1 GiB, created sparse: no volume growth in the middle of a measurement)."""
+    if _S3:
+        return _S3
+    from minio import Minio
+
+    from imgclf.dev import SeaweedServer
+    from imgclf.storage.s3 import S3Store
+
+    info = stack.enter_context(SeaweedServer(workdir / "seaweedfs", volume_size_limit_mb=1024))
+    print(f"SeaweedFS {info.endpoint} started in {info.startup_seconds:.1f}s", flush=True)
+    settings = info.settings()
+    bucket = f"dataset-scale-{uuid.uuid4().hex[:8]}"
+    store = S3Store(bucket, "", settings)
+    store.ensure_bucket()
+    sdk = Minio(
+        settings.endpoint,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        secure=settings.secure,
+        region=settings.region,
+    )
+    os.environ.update(info.env())  # for open_store("s3://...") in the shard reader
+    _S3.update(store=store, sdk=sdk, bucket=bucket, settings=settings)
+    return _S3
+
+
+def largest_dataset(args: argparse.Namespace, workdir: Path) -> Path:
+    """The dataset ingested from the largest size (ingested now when --only skipped it)."""
+    n = max(args.sizes)
+    dataset = workdir / f"dataset-{n}"
+    if not (dataset / "shards.json").is_file():
+        source = make_photo_dataset(workdir / f"photos-{n}", n, args.classes)
+        shutil.rmtree(dataset, ignore_errors=True)
+        ingest_once(source, dataset, args.workers)
+    return dataset
+
+
+def _linked_tree(dataset: Path, root: Path, parts: list[str]) -> Path:
+    """``root`` holding hard links to the named files and folders of ``dataset``."""
+    shutil.rmtree(root, ignore_errors=True)
+    for part in parts:
+        src = dataset / part
+        if src.is_dir():
+            shutil.copytree(src, root / part, copy_function=os.link)
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            os.link(src, root / part)
+    return root
+
+
+def _tree_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+SHARDED = ["shards", "shards.json", "manifest.csv", "dataset.json"]
+PER_IMAGE = ["images", "manifest.csv", "dataset.json"]
+SHARDS_PREFIX = "store-shards"
+
+
+def _shard_hashes(sharded: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every shard, as ``shards.json`` records them."""
+    from imgclf.data.shards import read_index
+
+    index = read_index(sharded)
+    return {s["name"]: s["sha256"] for e in index["splits"].values() for s in e["shards"]}
+
+
+def measure_publish(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[dict[str, Any], bool]:
+    """Publish the largest dataset per image (SDK loop, our store) and as shards (our store)."""
+    from imgclf.data.shards import verify_shards
+
+    dataset = largest_dataset(args, workdir)
+    env = s3(workdir, stack)
+    store, sdk, bucket = env["store"], env["sdk"], env["bucket"]
+    per_image = _linked_tree(dataset, workdir / "publish-per-image", PER_IMAGE)
+    sharded = _linked_tree(dataset, workdir / "publish-sharded", SHARDED)
+
+    def sdk_loop() -> None:
+        for path in _tree_files(per_image):
+            sdk.fput_object(
+                bucket, f"sdk-per-image/{path.relative_to(per_image).as_posix()}", str(path)
+            )
+
+    ways = {
+        "a": ("per image, minio SDK fput_object loop", per_image, sdk_loop),
+        "b": (
+            f"per image, S3Store.upload_tree ({store.settings.workers} workers)",
+            per_image,
+            lambda: store.upload_tree(per_image, "store-per-image"),
+        ),
+        "c": (
+            "shards, S3Store.upload_tree (multipart)",
+            sharded,
+            # shards.json already has every shard's sha256: no hashing read before the upload
+            lambda: store.upload_tree(sharded, SHARDS_PREFIX, sha256s=_shard_hashes(sharded)),
+        ),
+    }
+    results: dict[str, Any] = {}
+    n = max(args.sizes)
+    print(f"publish the {n}-image dataset to SeaweedFS (MB/s = 1e6 bytes/s):", flush=True)
+    for way, (label, root, fn) in ways.items():
+        files = _tree_files(root)
+        size = sum(p.stat().st_size for p in files)
+        started = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - started
+        results[way] = {"what": label, "objects": len(files), "bytes": size, "seconds": seconds}
+        print(
+            f"  ({way}) {label:<44} {len(files):>6} objects {size / 1e6:8.1f} MB "
+            f"{seconds:7.1f}s {size / 1e6 / seconds:7.1f} MB/s",
+            flush=True,
+        )
+    _write_marker(store, sharded)
+    down = workdir / "download-sharded"
+    shutil.rmtree(down, ignore_errors=True)
+    started = time.perf_counter()
+    store.download_tree(SHARDS_PREFIX, down)
+    seconds = time.perf_counter() - started
+    (down / "_SUCCESS").unlink()
+    verify_shards(down)
+    size = results["c"]["bytes"]
+    results["c_download_seconds"] = seconds
+    print(
+        f"      shards back with S3Store.download_tree: {seconds:.1f}s "
+        f"{size / 1e6 / seconds:.1f} MB/s, verify_shards OK",
+        flush=True,
+    )
+    shutil.rmtree(down, ignore_errors=True)
+    c_vs_a = results["a"]["seconds"] / results["c"]["seconds"]
+    c_vs_b = results["b"]["seconds"] / results["c"]["seconds"]
+    b_vs_a = results["a"]["seconds"] / results["b"]["seconds"]
+    ok = c_vs_a >= MIN_PUBLISH_RATIO
+    print(
+        f"  shards (c) vs SDK per image (a): {c_vs_a:.1f}x faster "
+        f"({'PASS' if ok else 'FAIL'} >= {MIN_PUBLISH_RATIO:g}x); (c) vs (b): {c_vs_b:.1f}x; "
+        f"(b) vs (a): {b_vs_a:.1f}x",
+        flush=True,
+    )
+    results.update(c_vs_a=c_vs_a, c_vs_b=c_vs_b, b_vs_a=b_vs_a)
+    return results, ok
+
+
+def _write_marker(store: Any, sharded: Path) -> None:
+    """The ``_SUCCESS`` marker a step output carries (untimed: the comparison is the upload),
+    so that the shard reader accepts the published dataset."""
+    import datetime as dt
+
+    from imgclf.contracts import SUCCESS_FILE, publish_marker
+    from imgclf.fsutil import sha256_file
+
+    files = {p.relative_to(sharded).as_posix(): sha256_file(p) for p in _tree_files(sharded)}
+    marker = publish_marker(files, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    store.write_bytes(f"{SHARDS_PREFIX}/{SUCCESS_FILE}", json.dumps(marker).encode())
+
+
+# -- the train data path ----------------------------------------------------------------------
+
+
+def _shard_samples(fileobj: Any) -> Iterator[tuple[bytes, int, str]]:
+    """(image bytes, label, name) of each sample of a shard read as a stream (``r|``)."""
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        image, name = b"", ""
+        for member in tar:
+            handle = tar.extractfile(member)
+            data = handle.read() if handle else b""
+            ext = member.name.rpartition(".")[2]
+            if ext == "cls":
+                yield image, int(data), name
+            elif ext != "json":
+                image, name = data, member.name
+
+
+def _batches(samples: Iterator[tuple[bytes, int, str]], transform: Any) -> Iterator[Any]:
+    """Decoded, transformed samples stacked in batches of :data:`BATCH`, as a loader would."""
+    import torch
+
+    from imgclf.data.loader import decode_image
+
+    images, labels = [], []
+    for data, label, name in samples:
+        images.append(decode_image(io.BytesIO(data), transform, name))
+        labels.append(label)
+        if len(images) == BATCH:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def _rate(batches: Any) -> tuple[int, float]:
+    seen = 0
+    started = time.perf_counter()
+    for images, _ in batches:
+        seen += images.shape[0]
+    return seen, seen / (time.perf_counter() - started)
+
+
+def measure_train(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[dict[str, Any], bool]:
+    """The train split's images/s from images/, from local shards and from S3 shards."""
+    from imgclf import config
+    from imgclf.config import TrainConfig
+    from imgclf.data.loader import ManifestDataset, make_loader, resolve_loader_settings
+    from imgclf.data.shards import read_index
+    from imgclf.training.presets import ClassificationPresetTrain
+
+    dataset = largest_dataset(args, workdir)
+    cfg = config.load_section(TrainConfig, "train", Path(__file__).parents[1] / "params.yaml")
+    transform = ClassificationPresetTrain(size=cfg.image_size, augment=cfg.augment)
+    loader_settings = dict(
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        persistent_workers=cfg.persistent_workers,
+        pin_memory=cfg.pin_memory,
+        device_type="cpu",
+    )
+    settings = resolve_loader_settings(**loader_settings)
+    manifest_set = ManifestDataset(dataset, "train", transform)
+    loader = make_loader(manifest_set, batch_size=BATCH, shuffle=True, **loader_settings)
+    results: dict[str, Any] = {}
+    seen, results["images_tree"] = _rate(loader)
+    del loader
+    reader = importlib.util.find_spec("imgclf.data.shard_reader") is not None
+    how = (
+        "imgclf.data.shard_reader.ShardDataset (shuffled) + make_loader"
+        if reader
+        else "tarfile stream, one process, shard order (imgclf.data.shard_reader absent)"
+    )
+    shards = [s["name"] for s in read_index(dataset)["splits"]["train"]["shards"]]
+
+    def local() -> Iterator[tuple[bytes, int, str]]:
+        for name in shards:
+            with open(dataset / name, "rb") as fh:
+                yield from _shard_samples(fh)
+
+    env = s3(workdir, stack)
+    store = env["store"]
+    if not store.exists(f"{SHARDS_PREFIX}/_SUCCESS"):
+        sharded = _linked_tree(dataset, workdir / "publish-sharded", SHARDED)
+        store.upload_tree(sharded, SHARDS_PREFIX)
+        _write_marker(store, sharded)
+
+    def remote() -> Iterator[tuple[bytes, int, str]]:
+        for name in shards:
+            response = store.client.get_object(env["bucket"], f"{SHARDS_PREFIX}/{name}")
+            try:
+                yield from _shard_samples(response)
+            finally:
+                response.close()
+                response.release_conn()
+
+    if reader:
+        from imgclf.data.shard_reader import ShardDataset
+        from imgclf.data.shard_source import dataset_input
+
+        def shard_loader(root: Path) -> Any:
+            shard_set = ShardDataset(
+                root, "train", transform, shuffle=True, seed=0, batch_size=BATCH
+            )
+            return make_loader(shard_set, batch_size=BATCH, shuffle=False, **loader_settings)
+
+        _, results["local_shards"] = _rate(shard_loader(dataset))
+        with dataset_input(f"s3://{env['bucket']}/{SHARDS_PREFIX}") as staged:
+            _, results["s3_shards"] = _rate(shard_loader(staged))
+    else:
+        _, results["local_shards"] = _rate(_batches(local(), transform))
+        _, results["s3_shards"] = _rate(_batches(remote(), transform))
+    results["reader"] = how
+    print(
+        f"train data path, {seen} train images, image_size {cfg.image_size}, augment "
+        f"{cfg.augment}, batch {BATCH}, loader num_workers={settings.num_workers}:",
+        flush=True,
+    )
+    base = results["images_tree"]
+    print(f"  images/ tree (ManifestDataset + make_loader): {base:8.0f} images/s", flush=True)
+    for key, label in (("local_shards", "local shards"), ("s3_shards", "S3 shards")):
+        rate = results[key]
+        print(f"  {label:<44} {rate:8.0f} images/s ({rate / base:.2f}x images/)", flush=True)
+    print(f"  shards read with: {how}", flush=True)
+    return results, True
+
+
+def _ingest(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[dict[str, Any], bool]:
+    return measure_ingest(args, workdir)
+
+
+MEASUREMENTS: dict[
+    str, Callable[[argparse.Namespace, Path, contextlib.ExitStack], tuple[dict[str, Any], bool]]
+] = {"ingest": _ingest, "publish": measure_publish, "train": measure_train}
+"""Name -> measurement, run in this order; each returns (results for --json, whether its
+checks passed)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,12 +636,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, Any] = {}
     ok = True
-    with tempfile.TemporaryDirectory(prefix="dataset-scale-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="dataset-scale-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        for name in args.only:
-            results[name], passed = MEASUREMENTS[name](args, workdir)
-            ok &= passed
+        for name in MEASUREMENTS:
+            if name in args.only:
+                results[name], passed = MEASUREMENTS[name](args, workdir, stack)
+                ok &= passed
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1

@@ -29,6 +29,8 @@ nothing; above 4096 one batch needs gigabytes, and training died of a bare Memor
 after it started instead of refusing the setting."""
 
 AUTO = "auto"
+DATA_MODES = (AUTO, "images", "shards")
+"""``train.data``: which layout of the dataset dir training reads (see imgclf.data.shard_reader)."""
 _SPLIT_TOLERANCE = 1e-6
 
 
@@ -83,6 +85,27 @@ def parse_rate(value: float | str, key: str) -> float | None:
     return float(value)
 
 
+def parse_flag(value: bool | str) -> bool:
+    """A boolean setting given as a bool or, from KFP and overrides, as ``true``/``false``."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return value
+
+
+def parse_write_images(value: bool | str) -> bool | None:
+    """``ingest.write_images``: True, False, or None for ``auto``; ConfigError naming it."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return None
+    try:
+        return parse_flag(value)
+    except ConfigError:
+        raise ConfigError(
+            f"ingest.write_images={value!r}: expected true, false or 'auto'"
+        ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitRatios:
     """Fractions of each class that go to train, val and test (they must sum to 1)."""
@@ -126,9 +149,21 @@ class IngestConfig:
     # A local directory may hold symlinks resolving inside it; one leading outside is refused
     # unless this is true (e.g. a DVC cache of type symlink, whose links point into .dvc/cache).
     allow_external_links: bool = False
+    # Each split also as tar shards of at most shard_bytes (WebDataset layout, shards.json).
+    shards: bool = True
+    shard_bytes: int = 256 * 1024**2
+    # images/ tree: true, false, or auto (kept up to images_max images; needs shards to drop)
+    write_images: bool | str = AUTO
+    images_max: int = 200_000
 
     def __post_init__(self) -> None:
         _between("ingest", self, *IMAGE_SIZE_RANGE, "image_size")
+        _at_least("ingest", self, 1, "shard_bytes", "images_max")
+        if parse_write_images(self.write_images) is False and not parse_flag(self.shards):
+            raise ConfigError(
+                "ingest.write_images=false needs ingest.shards: true (the dataset would hold "
+                "no images)"
+            )
         _at_least("ingest", self, 1, "max_download_bytes", "max_extracted_bytes")
         _at_least("ingest", self, 1, "max_archive_members")
         workers = self.workers
@@ -202,6 +237,11 @@ class TrainConfig:
     pin_memory: bool | str = "auto"
     threads: int = 0
     max_steps_per_epoch: int = 0
+    # Read the images/ tree or the tar shards: auto takes images/ when the dataset dir has it
+    # and streams the shards otherwise (a remote dataset with shards.json is streamed).
+    data: str = AUTO
+    # Samples each DataLoader worker shuffles at a time when reading shards.
+    shuffle_buffer: int = 2000
     # torch.compile the training forward/backward: off until measured on the target GPU
     # (benchmarks/gpu_check.sh prints the gain); the first steps pay the compilation.
     compile: bool = False
@@ -218,7 +258,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _between("train", self, *IMAGE_SIZE_RANGE, "image_size")
-        _at_least("train", self, 1, "epochs", "batch_size")
+        _at_least("train", self, 1, "epochs", "batch_size", "shuffle_buffer")
+        if self.data not in DATA_MODES:
+            raise ConfigError(f"train.data={self.data!r}: must be one of {', '.join(DATA_MODES)}")
         # 0 means "off" or "the default" for these (no early stop, torch's thread count, ...)
         _at_least(
             "train",

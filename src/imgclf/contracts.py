@@ -75,6 +75,25 @@ class ManifestRow:
         }
 
 
+SHARDS_DIR = "shards"
+SHARDS_FILE = "shards.json"
+SHARDS_FORMAT = "webdataset"
+SHARDS_VERSION = 2  # 2: samples in shard_order, seeded by shards.json order_seed
+"""A dataset dir's tar shards (``shards/<split>-<NNNNNN>.tar``) and their index
+(``shards.json``); the layout is in docs/CONTRACTS.md, writer and index reader in
+:mod:`imgclf.data.shards`."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """Where shard ``index`` (from 0) of ``split`` lives, relative to the dataset dir."""
+    return f"{SHARDS_DIR}/{split}-{index:06d}.tar"
+
+
+def sample_key(position: int) -> str:
+    """The key of a split's sample at 0-based ``position``: the stem of its tar members."""
+    return f"{position:08d}"
+
+
 def image_path(split: str, label: str, name: str) -> str:
     """Where an image lives, relative to the dataset dir (POSIX), as the manifest records it."""
     return f"{IMAGES_DIR}/{split}/{label}/{name}"
@@ -358,3 +377,20 @@ def marker_files(marker: Mapping[str, Any]) -> dict[str, str]:
     """The ``{relative path: sha256}`` a ``READY`` or ``_SUCCESS`` marker lists (empty for a
     bare marker)."""
     return {str(k): str(v) for k, v in (marker.get("files") or {}).items()}
+
+
+def shard_order(count: int, seed: int) -> list[int]:
+    """The split positions (manifest order) in the order the shards hold them.
+
+    The manifest is grouped by class; shards written in that order would give a streaming
+    reader, whose shuffle buffer mixes only a few thousand samples at a time, batches of one
+    or two classes. So the writer permutes each split with this seeded shuffle (the seed is
+    ``order_seed`` in ``shards.json``), and the reader maps shard position ``i`` back to the
+    manifest row ``shard_order(n, seed)[i]``. ``random.Random``'s shuffle is stable across
+    Python versions, so both ends agree.
+    """
+    import random
+
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order

@@ -26,6 +26,7 @@ from kfp import dsl
 from _dataset_factory import pattern_image
 from _repo_copy import REPO
 from imgclf import cli
+from imgclf.contracts import read_eval_report
 from imgclf.kfp import RunFailed
 from imgclf.kfp.local import (
     DEFAULT_LOCAL_REGISTRY,
@@ -355,7 +356,10 @@ def test_same_metrics_as_the_dvc_cli_steps(runs: Runs, first: CliResult) -> None
     assert cli_dataset["hash"] == kfp_dataset["hash"]
     cli_metrics = json.loads((work / "eval/metrics.json").read_text())
     kfp_metrics = json.loads((run_dir / "evaluate/evaluation/metrics.json").read_text())
-    assert cli_metrics["num_images"] == kfp_metrics["num_images"] > 0
+    cli_report = read_eval_report(work / "eval")
+    kfp_report = read_eval_report(run_dir / "evaluate/evaluation")
+    assert cli_report["num_images"] == kfp_report["num_images"] > 0
+    assert cli_report["per_class"] == kfp_report["per_class"]
     assert cli_metrics["accuracy"] == kfp_metrics["accuracy"]
     assert cli_metrics["loss"] == pytest.approx(kfp_metrics["loss"], abs=1e-6)
     kfp_eval = json.loads((run_dir / "evaluate/executor_output.json").read_text())

@@ -114,8 +114,8 @@ class StopServerAfterTreeUpload:
         self.inner = store
         self.server = server
 
-    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
-        keys = self.inner.upload_tree(local_dir, prefix)
+    def upload_tree(self, local_dir: Path, prefix: str, **options: Any) -> list[str]:
+        keys = self.inner.upload_tree(local_dir, prefix, **options)
         self.server.stop()
         return keys
 

@@ -22,6 +22,7 @@ from imgclf import config
 from imgclf.cli import add_params_flag
 from imgclf.cli.helptext import add_command
 from imgclf.cli.registry import registry_settings
+from imgclf.data.shard_source import dataset_input
 from imgclf.errors import ConfigError
 from imgclf.storage.staging import local_input, local_output
 
@@ -106,12 +107,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(config.TrainConfig, "train", args, checkpoint_dir=args.checkpoint_dir)
     live = Path(args.live) if args.live else None
     if args.nproc > 1:
-        with local_input(args.dataset) as ds, local_output(args.out) as out:
+        with dataset_input(args.dataset, cfg.data) as ds, local_output(args.out) as out:
             meta = train_launch.launch(
                 cfg, dataset_dir=ds, out_dir=out, nproc=args.nproc, live_dir=live
             )
     else:
-        with local_input(args.dataset) as ds, _rank_output(args.out) as out:
+        with dataset_input(args.dataset, cfg.data) as ds, _rank_output(args.out) as out:
             meta = train.run(cfg, dataset_dir=ds, out_dir=out, live_dir=live)
     _print_summary(meta, ("architecture", "metrics"))
     return 0
@@ -136,7 +137,7 @@ def _lr_find(args: argparse.Namespace) -> int:
     from imgclf.steps import train
 
     cfg = _load(config.TrainConfig, "train", args)
-    with local_input(args.dataset) as ds, local_output(args.out) as out:
+    with dataset_input(args.dataset, cfg.data) as ds, local_output(args.out) as out:
         result = train.lr_find(cfg, dataset_dir=ds, out_dir=out)
     _print_summary(result, ("suggested_lr", "plot", "curve"))
     return 0
@@ -147,7 +148,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = _load(config.EvaluateConfig, "evaluate", args)
     with (
-        local_input(args.dataset) as ds,
+        dataset_input(args.dataset) as ds,
         local_input(args.model) as model,
         local_output(args.out) as out,
     ):
@@ -171,7 +172,7 @@ def _deploy(args: argparse.Namespace) -> int:
     with (
         local_input(args.model) as model,
         local_input(args.eval) as ev,
-        local_input(args.dataset) as ds,
+        dataset_input(args.dataset) as ds,
         local_output(args.out) as out,
     ):
         result = deploy.run(

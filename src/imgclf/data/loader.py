@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image
@@ -21,6 +21,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from imgclf.config import AUTO
 from imgclf.contracts import MANIFEST_FILE, SPLITS, read_dataset_info, read_manifest
 from imgclf.errors import DataError, ImgclfError
+
+
+def split_rows(dataset_dir: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(manifest path, label index) of the usable images of ``split``, in manifest order:
+    rows with an ``error`` are left out, and a label outside ``classes`` is a DataError."""
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    rows = []
+    for line, row in enumerate(read_manifest(dataset_dir), start=2):
+        if row["split"] != split or (row.get("error") or "").strip():
+            continue
+        if row["label"] not in class_to_idx:
+            raise DataError(
+                f"{dataset_dir / MANIFEST_FILE}:{line}: label {row['label']!r} "
+                "is not in dataset.json classes"
+            )
+        rows.append((row["path"], class_to_idx[row["label"]]))
+    return rows
 
 
 class ManifestDataset(Dataset):
@@ -43,34 +60,36 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.classes: list[str] = list(read_dataset_info(self.root)["classes"])
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = self._read_manifest()
+        self.samples = [
+            (self.root / path, label) for path, label in split_rows(self.root, split, self.classes)
+        ]
         self.targets = [label for _, label in self.samples]
-
-    def _read_manifest(self) -> list[tuple[Path, int]]:
-        samples = []
-        for line, row in enumerate(read_manifest(self.root), start=2):
-            if row["split"] != self.split or (row.get("error") or "").strip():
-                continue
-            if row["label"] not in self.class_to_idx:
-                raise DataError(
-                    f"{self.root / MANIFEST_FILE}:{line}: label {row['label']!r} "
-                    "is not in dataset.json classes"
-                )
-            samples.append((self.root / row["path"], self.class_to_idx[row["label"]]))
-        return samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                sample = self.transform(image) if self.transform else image.copy()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read image listed in {MANIFEST_FILE}: {exc}") from None
-        return sample, label
+        return decode_image(path, self.transform, path), label
+
+
+def decode_image(
+    source: str | os.PathLike[str] | IO[bytes],
+    transform: Callable[[Any], Any] | None,
+    where: object,
+) -> Any:
+    """``transform(image)`` of the image file ``source`` (a path or a binary stream), or the
+    decoded image without a transform; ``where`` names it in the DataError of a bad file.
+
+    Every dataset decodes here (a manifest's files, a shard's members), so a sample is the
+    same tensor whichever layout it was read from.
+    """
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return transform(image) if transform else image.copy()
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read image listed in {MANIFEST_FILE}: {exc}") from None
 
 
 MAX_AUTO_WORKERS = 8

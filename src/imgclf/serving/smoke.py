@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,15 @@ class ServerProcess:
         self._log.close()
 
 
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+ImageReader = Callable[[Iterable[str]], dict[str, bytes]]
+"""Manifest paths -> the stored bytes of those found (the dataset's shards, say)."""
+
+
+def _files_under(dataset_dir: Path) -> ImageReader:
+    def read(paths: Iterable[str]) -> dict[str, bytes]:
+        return {p: (dataset_dir / p).read_bytes() for p in paths if (dataset_dir / p).is_file()}
+
+    return read
 
 
 def run_smoke_test(
@@ -167,8 +174,12 @@ def run_smoke_test(
     name: str,
     deploy: DeployConfig,
     serve: ServeConfig,
+    read_images: ImageReader | None = None,
 ) -> dict[str, Any]:
     """Start the server on ``model_dir`` and check it against evaluate's predictions.
+
+    The sampled test images are read by manifest path with ``read_images`` (default: the
+    files under ``dataset_dir``; deploy passes a shard reader for a dataset without them).
 
     Returns the report: ``passed``, ``reasons``, ``samples``, ``mismatches`` (file, expected,
     served), ``p50_ms``/``p95_ms``, ``startup_s``, ``v2_checked`` and ``log_tail`` when the
@@ -176,7 +187,9 @@ def run_smoke_test(
     DataError when the sampled test images are not in ``dataset_dir`` (a wrong input).
     """
     rows = _sample(read_eval_predictions(eval_dir), deploy.smoke_samples)
-    missing = [row["path"] for row in rows if not (Path(dataset_dir) / row["path"]).is_file()]
+    reader = read_images or _files_under(Path(dataset_dir))
+    images = reader([row["path"] for row in rows])
+    missing = [row["path"] for row in rows if row["path"] not in images]
     if missing:
         raise DataError(
             f"{Path(dataset_dir) / missing[0]}: test image of {eval_dir}/predictions.csv not "
@@ -204,7 +217,7 @@ def run_smoke_test(
                 report["reasons"].append(problem)
                 report["log_tail"] = server.log_tail()
                 return report
-            _exchange(server.base_url, name, rows, Path(dataset_dir), report)
+            _exchange(server.base_url, name, rows, images, report)
         finally:
             server.stop()
     report["passed"] = not report["reasons"]
@@ -221,13 +234,17 @@ def wait_ready(base: str, name: str, deadline: float) -> str | None:
 
 
 def _exchange(
-    base: str, name: str, rows: list[dict[str, str]], dataset_dir: Path, report: dict[str, Any]
+    base: str,
+    name: str,
+    rows: list[dict[str, str]],
+    images: dict[str, bytes],
+    report: dict[str, Any],
 ) -> None:
     """Ask about every sampled file (v1, a few also v2); fill latencies and mismatches."""
     latencies: list[float] = []
     errors: list[str] = []
     for index, row in enumerate(rows):
-        image = _b64(dataset_dir / row["path"])
+        image = base64.b64encode(images[row["path"]]).decode("ascii")
         status, body, elapsed = _post(
             f"{base}/v1/models/{name}:predict", {"instances": [{"image": {"b64": image}}]}
         )

@@ -31,6 +31,7 @@ restored, ``deploy.json`` says so (``applied``), and the step fails.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -238,11 +239,22 @@ def _smoke(
         return {"passed": True, "skipped": True, "reasons": []}
     if dataset_dir is None:
         raise DataError("deploy: the smoke test needs the dataset dir (its test split images)")
+    from imgclf.data.shard_reader import read_images
+    from imgclf.data.shard_source import use_shards
     from imgclf.serving.smoke import run_smoke_test
 
+    reader = None
+    if use_shards(dataset_dir):  # no images/ tree: the test images come from the shards
+        reader = functools.partial(read_images, dataset_dir, "test")
     log.info("smoke test: serving the candidate on loopback, %d test images", cfg.smoke_samples)
     report = run_smoke_test(
-        model_dir, dataset_dir, eval_dir, name=registry.model_name, deploy=cfg, serve=serve
+        model_dir,
+        dataset_dir,
+        eval_dir,
+        name=registry.model_name,
+        deploy=cfg,
+        serve=serve,
+        read_images=reader,
     )
     if report["passed"]:
         log.info("smoke test passed: p95 %.1f ms, answers equal evaluate's", report["p95_ms"])

@@ -39,6 +39,8 @@ from imgclf.contracts import (
     read_dataset_info,
 )
 from imgclf.data.loader import ManifestDataset, make_loader
+from imgclf.data.shard_reader import ShardDataset
+from imgclf.data.shard_source import use_shards
 from imgclf.errors import DataError, ImgclfError, RegistryError, StorageError
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.registry import Champion, ModelRegistry
@@ -61,7 +63,13 @@ def _score(
     transform = ClassificationPresetEval(
         size=tuple(meta["input_size"][1:]), mean=meta["mean"], std=meta["std"]
     )
-    dataset = ManifestDataset(dataset_dir, "test", transform)
+    dataset: ManifestDataset | ShardDataset
+    if use_shards(dataset_dir):  # no images/ tree: the test shards, in the same order
+        dataset = ShardDataset(dataset_dir, "test", transform)
+        paths = dataset.paths
+    else:
+        dataset = ManifestDataset(dataset_dir, "test", transform)
+        paths = [path.relative_to(dataset_dir).as_posix() for path, _ in dataset.samples]
     if len(dataset) == 0:
         raise DataError(f"{dataset_dir}/manifest.csv: no usable images in split 'test'")
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False)
@@ -70,7 +78,7 @@ def _score(
     result = engine.evaluate(
         model, loader, device, top_k=cfg.top_k, amp_dtype=amp_dtype, keep_outputs=True
     )
-    result["paths"] = [path.relative_to(dataset_dir).as_posix() for path, _ in dataset.samples]
+    result["paths"] = paths
     return result, meta
 
 

@@ -5,7 +5,20 @@ Output (``docs/CONTRACTS.md``, "Dataset dir")::
     images/<split>/<class>/<file>   the images (and undecodable originals, see below)
     manifest.csv, dataset.json      one row per file, and the summary with the dataset hash
                                     (both written by :func:`imgclf.contracts.write_dataset`)
+    shards/, shards.json            each split as tar shards (``ingest.shards``, see
+                                    :mod:`imgclf.data.shards`)
     config.json                     the resolved IngestConfig (secrets redacted)
+
+``ingest.write_images`` decides whether ``images/`` stays: ``true``, ``false``, or ``auto``
+(the default): kept up to ``ingest.images_max`` images (200,000), dropped above, where a
+tree of that many files costs more to copy, list and upload than the shards holding the
+same bytes, and the people who browse images/ look at samples, not at all of them. Without
+images/ the manifest's paths still name where each image would be, and the shards' json
+members carry that path. The images are still written to images/ first (inside the temp
+output dir), sharded in manifest order, and the tree then deleted: the shards need each
+split in manifest (path) order, which the workers' write order is not, so this costs a
+transient second copy on disk, never memory. Undecodable originals live only in images/:
+without it the manifest's ``error`` rows are all that is left of them.
 
 What each file becomes is decided per file by :mod:`imgclf.data.imagefile`: with
 ``image_format: keep`` (the default) a JPEG, PNG or WebP that decodes, has mode ``L`` or
@@ -43,8 +56,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import AUTO, IngestConfig, SplitRatios, to_dict
-from imgclf.contracts import SPLITS, ManifestRow, image_path, write_dataset
+from imgclf.config import AUTO, IngestConfig, SplitRatios, parse_flag, parse_write_images, to_dict
+from imgclf.contracts import IMAGES_DIR, SPLITS, ManifestRow, image_path, write_dataset
 from imgclf.data.imagefile import (
     CONVERTED,
     IMAGE_FORMATS,
@@ -54,6 +67,7 @@ from imgclf.data.imagefile import (
     store_images,
 )
 from imgclf.data.layout import RawImage, find_images
+from imgclf.data.shards import write_shards
 from imgclf.data.sources import SourceOptions, open_source, redact_uri
 from imgclf.errors import ConfigError
 from imgclf.fsutil import atomic_dir, write_json
@@ -109,6 +123,11 @@ def run(cfg: IngestConfig, *, out_dir: Path) -> dict[str, Any]:
             seed=cfg.seed,
             split=dataclasses.asdict(cfg.split),
         )
+        if parse_flag(cfg.shards):
+            write_shards(tmp, shard_bytes=cfg.shard_bytes, seed=cfg.seed)
+        if not keeps_images(cfg, summary["num_images"]):
+            log.info("dropping images/ (ingest.write_images: %s)", cfg.write_images)
+            shutil.rmtree(tmp / IMAGES_DIR, ignore_errors=True)
         write_json(tmp / "config.json", _config_record(cfg))
     log.info(
         "ingested %d images (%d errors, %d classes) from %s into %s",
@@ -145,6 +164,17 @@ def check_config(cfg: IngestConfig) -> None:
     ratio = cfg.max_compression_ratio
     if isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
         raise ConfigError(f"ingest.max_compression_ratio: expected a number > 0, got {ratio!r}")
+
+
+def keeps_images(cfg: IngestConfig, n_images: int) -> bool:
+    """Whether the dataset dir keeps its ``images/`` tree (``ingest.write_images``): always
+    without shards, since they would be the only copy; with ``auto`` up to ``images_max``."""
+    setting = parse_write_images(cfg.write_images)
+    if not parse_flag(cfg.shards):
+        return True
+    if setting is None:
+        return n_images <= cfg.images_max
+    return setting
 
 
 def split_counts(n: int, ratios: SplitRatios) -> tuple[int, int, int]:

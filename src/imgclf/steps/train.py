@@ -46,6 +46,8 @@ from imgclf.contracts import (
     write_model_checksums,
 )
 from imgclf.data.loader import ManifestDataset, make_loader
+from imgclf.data.shard_reader import ShardDataset
+from imgclf.data.shard_source import use_shards
 from imgclf.errors import DataError, Preempted
 from imgclf.fsutil import atomic_dir, write_json, write_text
 from imgclf.training import checkpoint, distributed, engine, lr_finder, recipe
@@ -93,28 +95,59 @@ def _check_classes(classes: list[str], dataset_dir: Path) -> None:
         )
 
 
-def _normalization(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[float], list[float], str]:
-    """(mean, std, where from): the pretrained weights' statistics, or the training split's."""
+def _normalization(
+    cfg: TrainConfig, dataset_dir: Path, shards: bool
+) -> tuple[list[float], list[float], str]:
+    """(mean, std, where from): the pretrained weights' statistics, or the training split's
+    (every image once, in manifest order, from the tree or the shards alike)."""
     if recipe.is_pretrained(cfg.pretrained):
         mean, std = recipe.pretrained_normalization(cfg.model, cfg.pretrained)
         return mean, std, f"pretrained weights ({cfg.pretrained})"
     raw = ClassificationPresetEval(size=cfg.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    images = (image for image, _ in ManifestDataset(dataset_dir, "train", raw))
+    split = ShardDataset if shards else ManifestDataset
+    images = (image for image, _ in split(dataset_dir, "train", raw))
     mean, std = recipe.channel_statistics(images)
     return mean, std, "training split"
 
 
+Split = ManifestDataset | ShardDataset
+
+
+def _split_size(ds: Split) -> int:
+    """Usable images of the split (a ShardDataset's ``len`` is one rank's share)."""
+    return ds.total if isinstance(ds, ShardDataset) else len(ds)
+
+
 def _datasets(
-    cfg: TrainConfig, dataset_dir: Path, mean: list[float], std: list[float]
-) -> tuple[ManifestDataset, ManifestDataset]:
-    """The train split with augmentation and the val split with the eval transform."""
+    cfg: TrainConfig,
+    dataset_dir: Path,
+    mean: list[float],
+    std: list[float],
+    shards: distributed.Context | None,
+) -> tuple[Split, Split]:
+    """The train split with augmentation and the val split with the eval transform; read
+    from the shards, split across the ranks of ``shards``, when that is given."""
     size = cfg.image_size
     train_tf = ClassificationPresetTrain(size=size, mean=mean, std=std, augment=cfg.augment)
     eval_tf = ClassificationPresetEval(size=size, mean=mean, std=std)
-    train_ds = ManifestDataset(dataset_dir, "train", train_tf)
-    val_ds = ManifestDataset(dataset_dir, "val", eval_tf)
+    if shards is None:
+        train_ds: Split = ManifestDataset(dataset_dir, "train", train_tf)
+        val_ds: Split = ManifestDataset(dataset_dir, "val", eval_tf)
+    else:
+        ranks = {"rank": shards.rank, "world_size": shards.world_size}
+        train_ds = ShardDataset(
+            dataset_dir,
+            "train",
+            train_tf,
+            shuffle=True,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            batch_size=cfg.batch_size,
+            **ranks,
+        )
+        val_ds = ShardDataset(dataset_dir, "val", eval_tf, batch_size=cfg.batch_size, **ranks)
     for ds in (train_ds, val_ds):
-        if len(ds) == 0:
+        if _split_size(ds) == 0:
             raise DataError(f"{dataset_dir}/manifest.csv: no usable images in split {ds.split!r}")
     return train_ds, val_ds
 
@@ -126,6 +159,10 @@ class _Setup:
     ``LOCAL_RANK``, a DistributedSampler shard of the training split (reshuffled per epoch
     by :meth:`start_epoch`), a shard of the validation split, and ``train_model``, the model
     wrapped in DistributedDataParallel.
+
+    Read from tar shards (``train.data``, see :func:`use_shards`), the datasets order and
+    split the samples themselves (:class:`ShardDataset`: shuffle buffer, ranks, workers,
+    an order that is a function of seed and epoch), and no sampler is used.
     """
 
     def __init__(self, cfg: TrainConfig, dataset_dir: Path) -> None:
@@ -138,8 +175,18 @@ class _Setup:
         self.info = read_dataset_info(dataset_dir)
         self.classes: list[str] = list(self.info["classes"])
         _check_classes(self.classes, dataset_dir)
-        self.mean, self.std, self.normalization_source = _normalization(cfg, dataset_dir)
-        train_ds, val_ds = _datasets(cfg, dataset_dir, self.mean, self.std)
+        self.shards = use_shards(dataset_dir, cfg.data)
+        self.mean, self.std, self.normalization_source = _normalization(
+            cfg, dataset_dir, self.shards
+        )
+        train_ds, val_ds = _datasets(
+            cfg, dataset_dir, self.mean, self.std, self.ctx if self.shards else None
+        )
+        self.train_ds, self.num_train, self.num_val = (
+            train_ds,
+            _split_size(train_ds),
+            _split_size(val_ds),
+        )
         loading = {
             "num_workers": cfg.num_workers,
             "prefetch_factor": cfg.prefetch_factor,
@@ -150,17 +197,17 @@ class _Setup:
         ctx = self.ctx
         self.train_sampler: DistributedSampler[int] | None = None
         val_sampler = None
-        if ctx.enabled:
+        if ctx.enabled and not self.shards:
             self.train_sampler = DistributedSampler(
                 train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
             )
             val_sampler = distributed.ShardSampler(val_ds, ctx.rank, ctx.world_size)
-        shard = len(train_ds) // ctx.world_size
+        shard = len(train_ds) if self.shards else len(train_ds) // ctx.world_size
         # BatchNorm cannot train on a last batch of one image, so drop the ragged tail.
         self.train_loader = make_loader(
             train_ds,
             batch_size=cfg.batch_size,
-            shuffle=True,
+            shuffle=not self.shards,  # a ShardDataset shuffles itself
             seed=cfg.seed,
             drop_last=shard > cfg.batch_size,
             sampler=self.train_sampler,
@@ -203,10 +250,13 @@ class _Setup:
         self.train_model = self._wrap()
 
     def start_epoch(self, epoch: int) -> None:
-        """Reshuffle the rank shards for ``epoch`` (DistributedSampler's order is a function
-        of its seed and epoch, so a resumed epoch sees the same shards)."""
+        """Reshuffle the rank shards for ``epoch`` (DistributedSampler's order, like a
+        ShardDataset's, is a function of its seed and epoch, so a resumed epoch sees the same
+        shards)."""
         if self.train_sampler is not None:
             self.train_sampler.set_epoch(epoch)
+        if isinstance(self.train_ds, ShardDataset):
+            self.train_ds.set_epoch(epoch)
 
     def find_lr(
         self, *, start_lr: float, end_lr: float, num_steps: int, smoothing: float = 0.98
@@ -611,12 +661,13 @@ def _run(
 ) -> dict[str, Any]:
     setup = _Setup(cfg, dataset_dir)
     log.info(
-        "training %s on %s: %d train / %d val images, %d classes, normalised with the %s's "
+        "training %s on %s: %d train / %d val images%s, %d classes, normalised with the %s's "
         "mean %s std %s",
         cfg.model,
         setup.device,
-        len(setup.train_loader.dataset),  # type: ignore[arg-type]
-        len(setup.val_loader.dataset),  # type: ignore[arg-type]
+        setup.num_train,
+        setup.num_val,
+        " (from shards)" if setup.shards else "",
         len(setup.classes),
         setup.normalization_source,
         setup.mean,

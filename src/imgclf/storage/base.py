@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -57,8 +57,14 @@ class Store(Protocol):
         """Copy ``key`` to a local file (written to a temp name, then renamed)."""
         ...
 
-    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
-        """Copy a local directory tree under ``prefix``; returns the keys written."""
+    def upload_tree(
+        self, local_dir: Path, prefix: str, *, sha256s: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Copy a local directory tree under ``prefix``; returns the keys written.
+
+        ``sha256s`` (relative path -> hex digest) are hashes the caller already has: a store
+        that records each object's sha256 uses them instead of reading the file once more.
+        """
         ...
 
     def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
@@ -117,12 +123,12 @@ def publish_tree(store: Store, local_dir: Path, prefix: str, marker: str = READY
         raise StorageError(f"{local_dir / marker}: the name {marker!r} is reserved for the marker")
     marker_key = f"{base}/{marker}" if base else marker
     store.delete(marker_key)
-    keys = store.upload_tree(local_dir, base)
     files = {
         p.relative_to(local_dir).as_posix(): sha256_file(p)
         for p in sorted(local_dir.rglob("*"))
         if p.is_file()
     }
+    keys = store.upload_tree(local_dir, base, sha256s=files)  # each file hashed once
     manifest = publish_marker(files, _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     store.write_bytes(marker_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return keys

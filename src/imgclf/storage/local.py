@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from imgclf.errors import StorageError
@@ -127,8 +128,11 @@ class LocalStore:
         shutil.copyfile(src, tmp)
         os.replace(tmp, path)
 
-    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
-        """Copy a directory tree under ``prefix``."""
+    def upload_tree(
+        self, local_dir: Path, prefix: str, *, sha256s: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Copy a directory tree under ``prefix`` (files keep no hash here: ``sha256s`` is
+        not needed)."""
         base = prefix.strip("/")
         jobs = [
             (p, "/".join(filter(None, [base, p.relative_to(local_dir).as_posix()])), file_size(p))

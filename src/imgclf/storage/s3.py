@@ -7,7 +7,9 @@ Why it is more than thin calls into the SDK:
   corrupted artifact is an error instead of a model that silently predicts garbage;
 - throughput: trees of many small files (datasets of PNGs) are transferred by a thread pool,
   since per-request latency, not bandwidth, bounds a sequential copy;
-- large files go up in multipart parts of ``part_size`` (one part in memory per worker);
+- large files (dataset shards, model weights) go up in multipart parts of ``part_size``
+  and come down in ranged GETs of that size, several parts of one file at a time (one part
+  in memory per part worker), so a few big files move at bandwidth too;
 - flaky networks: 5xx answers are retried by urllib3 (exponential backoff with jitter) and
   dropped or refused connections by an outer loop with the same policy, bounded so that an
   unreachable endpoint fails within the configured timeout instead of hanging a pipeline;
@@ -26,13 +28,15 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.helpers import check_bucket_name
@@ -400,14 +404,18 @@ class S3Store:
         self._put_bytes("create", key, data)
         return True
 
-    def upload_file(self, path: Path, key: str) -> None:
+    def upload_file(
+        self, path: Path, key: str, *, parallel: int | None = None, sha256: str | None = None
+    ) -> None:
         """Copy a local file to ``key``, multipart above ``part_size``, with its sha256.
 
         A file of at most one part is read once and sent from memory, so the stored hash is
-        the hash of exactly the bytes sent. Larger files stream from disk after a hashing
-        pass, their parts one at a time (``num_parallel_uploads=1``): the SDK's part pool
-        reads the whole file into memory ahead of the uploads, and trees are already
-        parallel per file.
+        the hash of exactly the bytes sent. Larger files are hashed, then sent as a
+        multipart upload of ``parallel`` parts at a time (default ``settings.workers``),
+        each part read from disk by the thread that sends it: at most ``parallel`` parts
+        are in memory. (The SDK's own ``num_parallel_uploads`` reads the whole file into
+        its queue ahead of the uploads.) A ``sha256`` the caller already has (a publish
+        hashes every file for its marker) saves the large file's extra read.
         """
         path = Path(path)
         try:
@@ -425,42 +433,80 @@ class S3Store:
             return
         name = self._require_name(key)
         self.require_bucket()
-        metadata: dict[str, Any] = {SHA256_METADATA: sha256_file(path)}
+        digest = sha256 or sha256_file(path)
+        headers = {"Content-Type": content_type(name), SHA256_HEADER: digest}
+        workers = self.settings.workers if parallel is None else max(1, parallel)
         self._call(
-            "upload",
-            key,
-            lambda: self.client.fput_object(
-                self.bucket,
-                name,
-                str(path),
-                content_type=content_type(name),
-                metadata=metadata,
-                part_size=self.settings.part_size,
-                num_parallel_uploads=1,
-            ),
+            "upload", key, lambda: self._multipart_upload(name, path, size, headers, workers)
         )
 
-    def download_file(self, key: str, path: Path) -> None:
-        """Copy ``key`` to ``path`` via a temp file in the same dir, checked, then renamed."""
+    def _multipart_upload(
+        self, name: str, path: Path, size: int, headers: dict[str, str], workers: int
+    ) -> None:
+        """One multipart upload of ``path``, ``workers`` parts in flight; aborted on failure,
+        so no orphaned parts stay billed on the server."""
+        part_size = self.settings.part_size
+        client = self.client
+        upload_id = client._create_multipart_upload(self.bucket, name, dict(headers))
+
+        def send(number: int) -> Part:
+            offset = (number - 1) * part_size
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(min(part_size, size - offset))
+            return Part(
+                number, client._upload_part(self.bucket, name, data, None, upload_id, number)
+            )
+
+        try:
+            numbers = range(1, -(-size // part_size) + 1)
+            with ThreadPoolExecutor(min(workers, len(numbers)), "store-part") as pool:
+                parts = list(pool.map(send, numbers))
+            client._complete_multipart_upload(self.bucket, name, upload_id, parts)
+        except BaseException:
+            try:
+                client._abort_multipart_upload(self.bucket, name, upload_id)
+            except Exception as exc:  # the original failure is the one to report
+                log.debug("abort of multipart upload %s failed: %s", upload_id, exc)
+            raise
+
+    def download_file(self, key: str, path: Path, *, parallel: int | None = None) -> None:
+        """Copy ``key`` to ``path`` via a temp file in the same dir, checked, then renamed.
+
+        One streamed GET, unless its answer says the object is larger than ``part_size``
+        and ``parallel`` (default ``settings.workers``) is above 1: then that GET is dropped
+        and the object comes down as ranged GETs of ``part_size``, ``parallel`` at a time,
+        written at their offsets and hashed from the file afterwards. (No HEAD first: a tree
+        of small files costs one request per file, as before.)
+        """
         name = self._require_name(key)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        workers = self.settings.workers if parallel is None else max(1, parallel)
 
         def get() -> None:
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+            ranged: tuple[int, str, str | None] | None = None
             try:
                 response = self.client.get_object(self.bucket, name)
                 try:
-                    digest = hashlib.sha256()
-                    with open(tmp, "wb") as fh:
-                        for chunk in response.stream(_CHUNK, decode_content=False):
-                            fh.write(chunk)
-                            digest.update(chunk)
+                    size = int(response.headers.get("content-length") or 0)
                     expected = response.headers.get(SHA256_HEADER)
+                    if workers > 1 and size > self.settings.part_size:
+                        ranged = (size, (response.headers.get("etag") or "").strip('"'), expected)
+                    else:
+                        digest = hashlib.sha256()
+                        with open(tmp, "wb") as fh:
+                            for chunk in response.stream(_CHUNK, decode_content=False):
+                                fh.write(chunk)
+                                digest.update(chunk)
                 finally:
                     response.close()
                     response.release_conn()
-                self._verify(key, digest.hexdigest(), expected)
+                if ranged is not None:
+                    self._ranged_download(key, name, tmp, *ranged, workers)
+                else:
+                    self._verify(key, digest.hexdigest(), expected)
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -468,8 +514,52 @@ class S3Store:
 
         self._call("download", key, get)
 
-    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
-        """Copy a local tree under ``prefix`` with ``settings.workers`` parallel uploads."""
+    def _ranged_download(
+        self,
+        key: str,
+        name: str,
+        tmp: Path,
+        size: int,
+        etag: str,
+        expected: str | None,
+        workers: int,
+    ) -> None:
+        """``workers`` ranged GETs at a time into ``tmp``, each pinned to ``etag`` (an object
+        replaced meanwhile fails instead of mixing versions), then checked against
+        ``expected``."""
+        part_size = self.settings.part_size
+        pinned = {"If-Match": f'"{etag}"'} if etag else None
+
+        def fetch(fd: int, offset: int) -> None:
+            length = min(part_size, size - offset)
+            response = self.client.get_object(
+                self.bucket, name, offset=offset, length=length, request_headers=pinned
+            )
+            try:
+                at = offset
+                for chunk in response.stream(_CHUNK, decode_content=False):
+                    at += os.pwrite(fd, chunk, at)
+            finally:
+                response.close()
+                response.release_conn()
+            if at != offset + length:
+                raise StorageError(f"{self._where(key)}: short read at byte {at} of {size}")
+
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.ftruncate(fd, size)
+            offsets = range(0, size, part_size)
+            with ThreadPoolExecutor(min(workers, len(offsets)), "store-range") as pool:
+                list(pool.map(partial(fetch, fd), offsets))
+        finally:
+            os.close(fd)
+        self._verify(key, sha256_file(tmp), expected)
+
+    def upload_tree(
+        self, local_dir: Path, prefix: str, *, sha256s: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Copy a local tree under ``prefix`` with ``settings.workers`` parallel uploads;
+        ``sha256s`` (relative path -> hex) spare large files a hashing read."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"{local_dir}: not a directory, cannot upload it to {self.uri}")
@@ -481,12 +571,33 @@ class S3Store:
         if jobs:
             self.require_bucket()
         total = sum(n for _, _, n in jobs)
+        large = {"parallel": self._parts_per_file(len(jobs))}
+        known = sha256s or {}
+
+        def task(path: Path, key: str, size: int) -> Callable[[], None]:
+            options: dict[str, Any] = dict(self._if_large(size, large))
+            if size > self.settings.part_size:
+                options["sha256"] = known.get(path.relative_to(local_dir).as_posix())
+            return partial(self.upload_file, path, key, **options)
+
         with transfer_progress(f"upload {self._tree(prefix)}", len(jobs), total) as bar:
             run_parallel(
                 self.settings.workers,
-                [bar.counting(partial(self.upload_file, p, k), n) for p, k, n in jobs],
+                [bar.counting(task(p, k, n), n) for p, k, n in jobs],
             )
         return [k for _, k, _ in jobs]
+
+    def _if_large(self, size: int, options: dict[str, int]) -> dict[str, int]:
+        """``options`` for a file of more than one part, none for a small one: a small file
+        goes in one request either way, and is transferred by the plain protocol call."""
+        return options if size > self.settings.part_size else {}
+
+    def _parts_per_file(self, files: int) -> int:
+        """Parts of one large file in flight when ``files`` move at once: the workers shared
+        out, so a tree of many shards runs a file per worker and a lone file gets them all,
+        and never more than ``settings.workers`` connections are busy."""
+        workers = self.settings.workers
+        return max(1, workers // max(1, min(workers, files)))
 
     def download_tree(self, prefix: str, local_dir: Path) -> list[Path]:
         """Copy every object under ``prefix`` into ``local_dir`` with parallel downloads."""
@@ -499,10 +610,17 @@ class S3Store:
                 raise StorageError(f"{self._where(key)}: key cannot be a local file name")
             jobs.append((key, Path(local_dir).joinpath(*parts), size))
         total = sum(n for _, _, n in jobs)
+        parallel = {"parallel": self._parts_per_file(len(jobs))}
         with transfer_progress(f"download {self._tree(base)}", len(jobs), total) as bar:
             run_parallel(
                 self.settings.workers,
-                [bar.counting(partial(self.download_file, k, d), n) for k, d, n in jobs],
+                [
+                    bar.counting(
+                        partial(self.download_file, k, d, **self._if_large(n, parallel)),
+                        n,
+                    )
+                    for k, d, n in jobs
+                ],
             )
         return [d for _, d, _ in jobs]
 

@@ -47,9 +47,9 @@ class RecordingStore:
         self.calls.append(("upload_file", key))
         self.inner.upload_file(path, key)
 
-    def upload_tree(self, local_dir: Path, prefix: str) -> list[str]:
+    def upload_tree(self, local_dir: Path, prefix: str, **options: Any) -> list[str]:
         self.calls.append(("upload_tree", prefix))
-        return self.inner.upload_tree(local_dir, prefix)
+        return self.inner.upload_tree(local_dir, prefix, **options)
 
     def delete(self, key_or_prefix: str, recursive: bool = False) -> None:
         self.calls.append(("delete", key_or_prefix))

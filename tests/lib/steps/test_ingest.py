@@ -158,6 +158,8 @@ def test_manifest_dataset_json_and_config_follow_the_contract(
         "dataset.json",
         "images",
         "manifest.csv",
+        "shards",
+        "shards.json",
     ]
     header = (out / "manifest.csv").read_text(encoding="utf-8").splitlines()[0]
     assert tuple(header.split(",")) == MANIFEST_COLUMNS
