@@ -219,8 +219,9 @@ def read_dataset_hash(dataset_dir: str | Path) -> str:
 # -- model dir (train -> evaluate, deploy, registry) -----------------------------------------
 
 MODEL_FILE = "model.json"
+HISTORY_FILE = "history.csv"  # per-epoch train/val loss and accuracy, in the model dir
 WEIGHTS_FILE = "model.safetensors"
-EXPORT_FILE = "model.pt2"  # the torch.export program the server loads; never unpickled
+EXPORT_FILE = "model.pt2"  # torch.export program for other runtimes; imgclf serve loads safetensors
 
 
 def read_model_json(model_dir: str | Path) -> dict[str, Any]:

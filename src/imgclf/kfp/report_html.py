@@ -17,9 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgclf.contracts import read_eval_predictions
+from imgclf.contracts import HISTORY_FILE, read_eval_predictions
 
-HISTORY_FILE = "history.csv"
 """The per-epoch record train writes into the model dir (``imgclf.steps.train``)."""
 THUMBNAIL_PX = 96
 MISCLASSIFIED_LIMIT = 24

@@ -30,6 +30,7 @@ from imgclf.config import EvaluateConfig, RegistryConfig
 from imgclf.contracts import (
     DATASET_FILE,
     EVAL_REPORT_FILE,
+    HISTORY_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PER_CLASS_COLUMNS,
@@ -333,8 +334,8 @@ def _write_eval_dir(
             {"classes": classes, "matrix": report["confusion_matrix"]},
         )
         write_text(tmp / "model_card.md", model_card(metrics, report, meta))
-        if (model_dir / "history.csv").is_file():
-            shutil.copyfile(model_dir / "history.csv", tmp / "history.csv")
+        if (model_dir / HISTORY_FILE).is_file():
+            shutil.copyfile(model_dir / HISTORY_FILE, tmp / HISTORY_FILE)
         write_json(
             tmp / "config.json",
             {"evaluate": config_mod.to_dict(cfg), "registry": config_mod.to_dict(registry)},

@@ -40,6 +40,7 @@ from imgclf.config import TrainConfig
 from imgclf.contracts import (
     DATASET_FILE,
     EXPORT_FILE,
+    HISTORY_FILE,
     MODEL_FILE,
     WEIGHTS_FILE,
     read_dataset_info,
@@ -765,7 +766,7 @@ def _write_model_dir(
         (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"architecture": cfg.model}))
         torch.export.save(program, tmp / EXPORT_FILE)
         write_json(tmp / MODEL_FILE, meta)
-        write_text(tmp / "history.csv", _csv_text(history, HISTORY_COLUMNS))
+        write_text(tmp / HISTORY_FILE, _csv_text(history, HISTORY_COLUMNS))
         write_json(tmp / "config.json", config_mod.to_dict(cfg))
         if sweep is not None:
             lr_finder.write_lr_find(sweep, tmp, chosen=meta["training"]["lr"])
