@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from imgclf.data.loader import make_loader, resolve_loader_settings
+from imgclf.training import engine
 from imgclf.training.presets import ClassificationPresetTrain
 
 SIZE = 224
@@ -65,17 +66,10 @@ def make_step(
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:
         images = images.cuda(non_blocking=True).contiguous(memory_format=fmt)
         targets = targets.cuda(non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast("cuda", dtype=amp) if amp is not None else _nothing()
         with autocast:
             loss = loss_fn(model(images), targets)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        engine.optimizer_step(loss, optimizer, scaler)
 
     return step
 

@@ -186,7 +186,7 @@ def write_dataset(
     return record
 
 
-def _read_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (which exists); DataError naming it when it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -200,7 +200,7 @@ def _read_object(path: Path) -> dict[str, Any]:
 def read_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
     """``dataset.json`` of a dataset dir, checked to list at least one class."""
     path = _dataset_file(dataset_dir, DATASET_FILE)
-    info = _read_object(path)
+    info = read_json_object(path)
     if not isinstance(info.get("classes"), list) or not info["classes"]:
         raise DataError(f"{path}: 'classes' must be a non-empty list")
     return info
@@ -210,7 +210,7 @@ def read_dataset_hash(dataset_dir: str | Path) -> str:
     """The content hash ingest recorded in ``dataset.json`` (not recomputed: reading the
     manifest's sha256s back would trust the same files anyway, at the cost of a full read)."""
     path = _dataset_file(dataset_dir, DATASET_FILE)
-    value = _read_object(path).get("hash")
+    value = read_json_object(path).get("hash")
     if not isinstance(value, str) or not value:
         raise DataError(f"{path}: has no 'hash'; rerun ingest")
     return value
@@ -229,7 +229,7 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
         raise DataError(f"{path}: model metadata not found")
-    return _read_object(path)
+    return read_json_object(path)
 
 
 def model_dir_files(model_dir: Path) -> dict[str, Path]:
@@ -278,7 +278,7 @@ def read_model_checksums(model_dir: Path) -> dict[str, str]:
             f"{path}: missing; the model dir carries no checksums to verify (retrain it, or "
             "serve the version from the registry)"
         )
-    files = _read_object(path).get("files")
+    files = read_json_object(path).get("files")
     if not isinstance(files, dict) or not files:
         raise DataError(f"{path}: expected {{'files': {{path: sha256}}}}")
     return {str(k): str(v) for k, v in files.items()}
@@ -328,7 +328,7 @@ def read_eval_metrics(eval_dir: str | Path) -> dict[str, Any]:
     path = Path(eval_dir) / METRICS_FILE
     if not path.is_file():
         raise DataError(f"{path}: evaluation metrics not found")
-    metrics = _read_object(path)
+    metrics = read_json_object(path)
     if not isinstance(metrics.get("passed"), bool):
         raise DataError(f"{path}: missing the boolean 'passed' flag")
     return metrics
@@ -339,7 +339,7 @@ def read_eval_report(eval_dir: str | Path) -> dict[str, Any]:
     path = Path(eval_dir) / EVAL_REPORT_FILE
     if not path.is_file():
         raise DataError(f"{path}: evaluation report not found (rerun evaluate)")
-    report = _read_object(path)
+    report = read_json_object(path)
     if not isinstance(report.get("reasons"), list):
         raise DataError(f"{path}: missing the list of gate 'reasons'")
     return report

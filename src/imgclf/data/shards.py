@@ -45,6 +45,7 @@ from imgclf.contracts import (
     SPLITS,
     manifest_file,
     read_dataset_info,
+    read_json_object,
     sample_key,
     shard_name,
     shard_order,
@@ -260,12 +261,7 @@ def read_index(dataset_dir: str | Path) -> dict[str, Any]:
         raise DataError(
             f"{path}: not found; the dataset has no shards (rerun ingest with ingest.shards: true)"
         )
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(index, dict):
-        raise DataError(f"{path}: expected a JSON object")
+    index = read_json_object(path)
     if index.get("format") != SHARDS_FORMAT or index.get("version") != SHARDS_VERSION:
         raise DataError(
             f"{path}: format {index.get('format')!r} version {index.get('version')!r}; this "
