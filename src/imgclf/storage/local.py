@@ -64,14 +64,11 @@ class LocalStore:
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write a file atomically (temp file in the same dir, then rename)."""
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        tmp = _temp_copy(target, data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
@@ -83,11 +80,8 @@ class LocalStore:
         instead; a reader may then briefly see the file shorter than ``data``.
         """
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        tmp = _temp_copy(target, data)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
             os.link(tmp, target)
             return True
         except FileExistsError:
@@ -97,7 +91,7 @@ class LocalStore:
                 raise
             return self._create_with_o_excl(target, data)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _create_with_o_excl(target: Path, data: bytes) -> bool:
@@ -186,3 +180,18 @@ class LocalStore:
                 continue  # deleted since the listing
             times[key] = dt.datetime.fromtimestamp(mtime, dt.UTC)
         return times
+
+
+def _temp_copy(target: Path, data: bytes) -> Path:
+    """``data`` in a new temp file beside ``target`` (same filesystem, so it can be renamed
+    or linked into place atomically); removed again if writing it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
