@@ -187,3 +187,12 @@ def build_tiny_dataset(
     write_images(root, items)
     write_manifest(root, seed=seed)
     return root
+
+
+def without_images(dataset_dir: Path, dest: Path) -> Path:
+    """A copy of ``dataset_dir`` without ``images/``: what ingest leaves for a dataset too
+    big for the tree (manifest, dataset.json and the shards), for the shard readers."""
+    import shutil
+
+    shutil.copytree(dataset_dir, dest, ignore=shutil.ignore_patterns(IMAGES_DIR))
+    return dest

@@ -49,7 +49,7 @@ def params_file(root: Path, **overrides: Any) -> Path:
 
 
 def command(
-    params: Path, dataset: Path, out: Path, checkpoints: Path | str, extra: Sequence[str] = ()
+    params: Path, dataset: Path, out: Path | str, checkpoints: Path | str, extra: Sequence[str] = ()
 ) -> list[str]:
     """The train command line, with ``extra`` arguments (``--nproc 2``) at the end."""
     return [

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from _dataset_factory import build_tiny_dataset
-from imgclf.contracts import IMAGES_DIR, SHARDS_FILE, shard_order
+from _dataset_factory import build_tiny_dataset, without_images
+from imgclf.contracts import SHARDS_FILE, shard_order
 from imgclf.data.loader import ManifestDataset, make_loader
 from imgclf.data.shard_reader import ShardDataset, read_images
 from imgclf.data.shard_source import use_shards
@@ -45,9 +45,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sharded(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same dataset without images/: shards, manifest and dataset.json only."""
-    root = tmp_path_factory.mktemp("shards-only") / "ds"
-    shutil.copytree(tree, root, ignore=shutil.ignore_patterns(IMAGES_DIR))
-    return root
+    return without_images(tree, tmp_path_factory.mktemp("shards-only") / "ds")
 
 
 def _identities(tree: Path, split: str) -> dict[bytes, str]:

@@ -7,16 +7,15 @@ DVC run it; the shard layout comes from the real writer (:mod:`imgclf.data.shard
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
 import _train_runs as runs
-from _dataset_factory import build_tiny_dataset
+from _dataset_factory import build_tiny_dataset, without_images
 from imgclf.config import DeployConfig, EvaluateConfig, RegistryConfig, ServeConfig, TrainConfig
-from imgclf.contracts import IMAGES_DIR, SUCCESS_FILE, read_eval_predictions
+from imgclf.contracts import SUCCESS_FILE, read_eval_predictions
 from imgclf.data.loader import ManifestDataset
 from imgclf.data.shard_reader import read_images
 from imgclf.data.shards import read_index, write_shards
@@ -43,9 +42,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sharded(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same dataset without images/: train.data auto reads the shards."""
-    root = tmp_path_factory.mktemp("shards-only") / "ds"
-    shutil.copytree(tree, root, ignore=shutil.ignore_patterns(IMAGES_DIR))
-    return root
+    return without_images(tree, tmp_path_factory.mktemp("shards-only") / "ds")
 
 
 @pytest.fixture(scope="module")

@@ -136,25 +136,10 @@ def test_under_torchrun_only_rank_0_publishes_the_model_to_s3(
     """What each node of a TrainJob or PyTorchJob runs: ``imgclf train`` under torchrun with
     an ``s3://`` output. The other ranks must not publish (an empty model over rank 0's)."""
     params = runs.params_file(tmp_path, epochs=2)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "imgclf",
-        "train",
-        "--params",
-        str(params),
-        "--dataset",
-        str(dataset_dir),
-        "--out",
-        f"{s3_uri}/model",
-        "--checkpoint-dir",
-        "",
-    ]
+    train = runs.command(params, dataset_dir, f"{s3_uri}/model", "")
+    assert train[1:3] == ["-m", "imgclf"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*torchrun, "--nproc-per-node", "2", *train[1:]]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=runs.HANG_GUARD_S, check=False
     )
