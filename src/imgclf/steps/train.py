@@ -509,16 +509,15 @@ class _Training:
             "data_order": self.data_order if progress else self._generator_state(),
         }
         ranks = distributed.gather(mine)
-        path = self.store.path_for(self.global_step, epoch_end=progress is None)
         if ranks is not None:
-            path = self._write(progress, ranks)
+            self._write(progress, ranks)
         if final:
             if self.writer is not None:
                 self.writer.wait()
             distributed.barrier()  # no rank exits (Preempted) before the file is complete
-        return path
+        return self.store.path_for(self.global_step, epoch_end=progress is None)
 
-    def _write(self, progress: engine.EpochProgress | None, ranks: list[dict[str, Any]]) -> Path:
+    def _write(self, progress: engine.EpochProgress | None, ranks: list[dict[str, Any]]) -> None:
         assert self.store is not None
         scaler = self.setup.scaler
         state = {
@@ -536,7 +535,7 @@ class _Training:
             "extra": self.extra,
         }
         assert self.writer is not None
-        return self.writer.submit(state, global_step=self.global_step, epoch_end=progress is None)
+        self.writer.submit(state, global_step=self.global_step, epoch_end=progress is None)
 
     def _generator_state(self) -> torch.Tensor | None:
         generator = self._generator

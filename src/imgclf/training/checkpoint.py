@@ -326,14 +326,13 @@ class BackgroundWriter:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future[Path] | None = None
 
-    def submit(self, state: dict[str, Any], *, global_step: int, epoch_end: bool) -> Path:
-        """Start writing a snapshot of ``state``; returns the path it will have."""
+    def submit(self, state: dict[str, Any], *, global_step: int, epoch_end: bool) -> None:
+        """Start writing a snapshot of ``state`` (to ``store.path_for`` the same step)."""
         self.wait()
         frozen = snapshot(state)
         self._pending = self._pool.submit(
             self.store.save, frozen, global_step=global_step, epoch_end=epoch_end
         )
-        return self.store.path_for(global_step, epoch_end=epoch_end)
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is complete."""

@@ -148,16 +148,6 @@ def gather(value: Any) -> list[Any] | None:
     return out
 
 
-def scatter(values: list[Any] | None) -> Any:
-    """Rank ``r`` gets ``values[r]`` from rank 0 (the inverse of :func:`gather`)."""
-    if not active():
-        assert values is not None
-        return values[0]
-    box: list[Any] = [None]
-    dist.scatter_object_list(box, values if dist.get_rank() == 0 else None, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     """Wait for every rank (rank 0's files are complete before the others go on)."""
     if active():
