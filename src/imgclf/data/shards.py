@@ -26,6 +26,7 @@ one sample, so only a single sample larger than the limit makes a larger shard.
 
 from __future__ import annotations
 
+import array
 import csv
 import hashlib
 import io
@@ -140,15 +141,43 @@ class _ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _manifest_rows(dataset_dir: Path) -> Iterator[dict[str, str]]:
-    """The manifest's rows one at a time (a manifest of millions of rows is never held)."""
-    path = manifest_file(dataset_dir)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        absent = {"path", "label", "split", "sha256", "error"} - set(reader.fieldnames or [])
+class _Manifest:
+    """The manifest read one row at a time, each row with the byte offset it starts at, and
+    read again at such an offset: so the shards can be written in a shuffled order while
+    only an array of offsets (8 bytes a row) is held, never the rows themselves."""
+
+    def __init__(self, fh: BinaryIO, path: Path) -> None:
+        self.fh, self.path = fh, path
+        self.fh.seek(0)
+        self.fields = next(csv.reader(self._lines()), [])
+        absent = {"path", "label", "split", "sha256", "error"} - set(self.fields)
         if absent:
             raise DataError(f"{path}: missing column(s) {', '.join(sorted(absent))}")
-        yield from reader
+
+    def _lines(self) -> Iterator[str]:
+        self.consumed = self.fh.tell()
+        for raw in self.fh:  # csv asks for lines one record at a time, never ahead
+            self.consumed += len(raw)
+            yield raw.decode("utf-8")
+
+    def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
+        """(offset, row) for every row after the header, in file order."""
+        self.fh.seek(0)
+        lines = self._lines()
+        reader = csv.reader(lines)
+        next(reader, None)
+        while True:
+            start = self.consumed
+            record = next(reader, None)
+            if record is None:
+                return
+            yield start, dict(zip(self.fields, record, strict=False))
+
+    def row_at(self, offset: int) -> dict[str, str]:
+        """The row starting at byte ``offset`` (one that :meth:`rows` reported)."""
+        self.fh.seek(offset)
+        record = next(csv.reader(self._lines()))
+        return dict(zip(self.fields, record, strict=False))
 
 
 def _sample(
@@ -200,20 +229,27 @@ def write_shards(
     done: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     total = info.get("num_images", 0) - info.get("num_errors", 0)
-    by_split: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
-    for row in _manifest_rows(root):
-        if row["error"] or row["split"] not in counts:
-            continue  # undecodable, or a split validate reports: nothing to train on
-        if row["label"] not in label_index:
-            raise DataError(
-                f"{manifest_file(root)}: label {row['label']!r} of {row['path']} is "
-                f"not among the classes of {root / DATASET_FILE}"
-            )
-        by_split[row["split"]].append(
-            {"path": row["path"], "label": row["label"], "sha256": row["sha256"]}
-        )
+    manifest_path = manifest_file(root)
+    manifest_fh = open(manifest_path, "rb")  # noqa: SIM115 (closed in the finally below)
+    offsets: dict[str, array.array[int]] = {s: array.array("q") for s in SPLITS}
+    try:
+        manifest = _Manifest(manifest_fh, manifest_path)
+        for offset, row in manifest.rows():
+            if row["error"] or row["split"] not in counts:
+                continue  # undecodable, or a split validate reports: nothing to train on
+            if row["label"] not in label_index:
+                raise DataError(
+                    f"{manifest_path}: label {row['label']!r} of {row['path']} is "
+                    f"not among the classes of {root / DATASET_FILE}"
+                )
+            offsets[row["split"]].append(offset)
+    except BaseException:
+        manifest_fh.close()
+        raise
     ordered = (
-        (split, rows[i]) for split, rows in by_split.items() for i in shard_order(len(rows), seed)
+        (split, manifest.row_at(rows[i]))
+        for split, rows in offsets.items()
+        for i in shard_order(len(rows), seed)
     )
     try:
         with tqdm(
@@ -237,6 +273,7 @@ def write_shards(
             if split in open_shards:
                 done[split].append(open_shards.pop(split).close())
     finally:
+        manifest_fh.close()
         for writer in open_shards.values():
             writer.abort()
     names = {entry["name"] for entries in done.values() for entry in entries}
